@@ -1,0 +1,210 @@
+"""The GPT-2 model family: pre-LayerNorm transformer blocks with switchable attention and positions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt2exp.model.attention import CausalSelfAttention, KVCache, attention_mask
+from gpt2exp.model.positional import rope_cache, sinusoidal_table
+from gpt2exp.spec import ModelSpec
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias)
+        self.dropout = nn.Dropout(spec.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(spec.n_embd, bias=spec.bias)
+        self.attn = CausalSelfAttention(spec, layer)
+        self.ln_2 = nn.LayerNorm(spec.n_embd, bias=spec.bias)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 with multi-head/grouped-query/multi-query attention and learned, sinusoidal, RoPE,
+    ALiBi or no positions. ``forward(idx, targets) -> (logits, loss)``."""
+
+    def __init__(self, spec: ModelSpec | None = None) -> None:
+        super().__init__()
+        self.spec = spec = spec or ModelSpec()
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(spec.vocab_size, spec.n_embd),
+                drop=nn.Dropout(spec.dropout),
+                h=nn.ModuleList(Block(spec, i) for i in range(spec.n_layer)),
+                ln_f=nn.LayerNorm(spec.n_embd, bias=spec.bias),
+            )
+        )
+        if spec.positional == "learned":
+            self.transformer["wpe"] = nn.Embedding(spec.block_size, spec.n_embd)
+        elif spec.positional == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(spec.block_size, spec.n_embd), persistent=False)
+        elif spec.positional == "rope":
+            cos, sin = rope_cache(spec.block_size, spec.head_size, spec.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
+        if spec.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * spec.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------------------- forward
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Final-LayerNorm activations (B, T, n_embd) of tokens idx (B, T), continuing ``cache``."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.spec.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.spec.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.spec.positional == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        elif self.spec.positional == "sinusoidal":
+            x = x + self.pos_table[start : start + T].to(x.dtype)
+        x = self.transformer.drop(x)
+        rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T]) if self.spec.positional == "rope" else None
+        mask = attention_mask(self.spec, start, T, idx.device)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(x.dtype)
+        for block in self.transformer.h:
+            x = block(x, mask, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) and, given targets (B, T; -1 ignored), the mean cross-entropy."""
+        logits = self.lm_head(self.hidden_states(idx))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens; temperature 0 is greedy.
+
+        With the KV cache each step feeds one token; once the context fills the block, the
+        window slides and the cache is rebuilt from the last block_size tokens, so cached and
+        uncached generation see exactly the same context. Rows that emitted ``eos`` are padded
+        with it, and generation stops when every row has.
+        """
+        block = self.spec.block_size
+        cache: KVCache | None = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                h = self.hidden_states(idx[:, -block:])
+            elif cache is None or cache.pos >= block:
+                cache = KVCache(self.spec.n_layer, block)
+                h = self.hidden_states(idx[:, -block:], cache)
+            else:
+                h = self.hidden_states(idx[:, -1:], cache)
+            logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            if eos is not None:
+                nxt = torch.where(done[:, None], torch.full_like(nxt, eos), nxt)
+                done |= nxt[:, 0] == eos
+            idx = torch.cat([idx, nxt], dim=1)
+            if eos is not None and bool(done.all()):
+                break
+        return idx
+
+    # -------------------------------------------------------------------------------- helpers
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters (tied weights counted once); without token and position embeddings if asked."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·hs·T with N the matmul parameters
+        (all but the embedding lookups; the LM head counts) and T the attended context."""
+        s = self.spec
+        n = self.num_params(exclude_embeddings=True) + s.vocab_size * s.n_embd
+        context = min(s.block_size, s.sliding_window or s.block_size)
+        return 6 * n + 12 * s.n_layer * s.n_head * s.head_size * context
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: weight decay on matrices and embeddings (>= 2-D), none on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **overrides) -> GPT:
+        """GPT-2 weights from a Hugging Face checkpoint: a local folder (config.json +
+        model.safetensors) or, online, a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl).
+        ``overrides`` change ModelSpec fields that do not touch the weights (e.g. dropout)."""
+        from gpt2exp.model.hf import load_hf_checkpoint
+
+        spec, state = load_hf_checkpoint(name_or_path)
+        model = cls(spec.model_copy(update=overrides) if overrides else spec)
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that transformers loads."""
+        from gpt2exp.model.hf import save_hf_checkpoint
+
+        return save_hf_checkpoint(self, path)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> Tensor:
+    """Next tokens (B, 1) from logits (B, V): greedy at temperature 0, else top-k/top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)

@@ -1,0 +1,415 @@
+"""Experiment specs: typed, validated, written as YAML under ``experiments/``.
+
+An :class:`ExperimentSpec` is a base configuration (data, model, train, parallel, tracking) plus
+variants that override it. ``load_spec`` reads YAML, applies ``--set a.b=value`` overrides and
+validates the base and every expanded variant, so a bad spec fails before anything starts with
+``SpecError`` lines of the form ``FILE: field.path: reason``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------- model
+class ModelSpec(Strict):
+    """GPT-2 family architecture. Defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = Field(50257, gt=0, description="Token vocabulary (50257 for GPT-2 BPE; 50304 pads to a multiple of 64).")
+    block_size: int = Field(1024, gt=0, description="Maximum context length in tokens.")
+    n_layer: int = Field(12, gt=0)
+    n_head: int = Field(12, gt=0, description="Query heads.")
+    n_kv_head: int | None = Field(
+        None, gt=0, description="Key/value heads: = n_head multi-head, divides n_head grouped-query, 1 multi-query. Default n_head."
+    )
+    n_embd: int = Field(768, gt=0)
+    positional: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    sliding_window: int | None = Field(None, gt=0, description="Each token attends to at most the last W tokens (itself included).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = Field(True, description="Biases in Linear layers and LayerNorms (GPT-2: true).")
+    tie_weights: bool = Field(True, description="Share the token embedding with the LM head.")
+
+    @field_validator("n_kv_head")
+    @classmethod
+    def _kv_divides_heads(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n_head = info.data.get("n_head")
+        if v is not None and n_head and n_head % v:
+            divisors = [d for d in range(1, n_head + 1) if n_head % d == 0]
+            raise ValueError(f"n_head={n_head} is not divisible by n_kv_head={v}; use one of {divisors}")
+        return v
+
+    @field_validator("n_embd")
+    @classmethod
+    def _embd_divides(cls, v: int, info: ValidationInfo) -> int:
+        n_head = info.data.get("n_head")
+        if n_head and v % n_head:
+            raise ValueError(f"n_embd={v} is not divisible by n_head={n_head}; pick n_embd as a multiple of n_head")
+        return v
+
+    @field_validator("positional")
+    @classmethod
+    def _rope_even(cls, v: str, info: ValidationInfo) -> str:
+        n_embd, n_head = info.data.get("n_embd"), info.data.get("n_head")
+        if v == "rope" and n_embd and n_head and (n_embd // n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got n_embd/n_head = {n_embd}/{n_head} = {n_embd // n_head}")
+        return v
+
+    @field_validator("sliding_window")
+    @classmethod
+    def _window_fits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        block = info.data.get("block_size")
+        if v is not None and block and v > block:
+            raise ValueError(f"sliding_window={v} is larger than block_size={block}; use a window <= block_size or none")
+        return v
+
+    @model_validator(mode="after")
+    def _default_kv_heads(self) -> ModelSpec:
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        return self
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def attention_kind(self) -> str:
+        """Human label: MHA, GQA-4 (4 kv heads) or MQA, with ``+SW<W>`` for a sliding window."""
+        kv = self.n_kv_head or self.n_head
+        kind = "MHA" if kv == self.n_head else "MQA" if kv == 1 else f"GQA-{kv}"
+        return kind + (f"+SW{self.sliding_window}" if self.sliding_window else "")
+
+
+# ----------------------------------------------------------------------------------------- data
+class DataSpec(Strict):
+    """Where the training text comes from. Exactly one of path, url, hf_dataset, builtin."""
+
+    path: str | None = Field(None, description="A text file, a folder of text files or a glob.")
+    url: str | None = Field(None, description="A text file to download once into the cache (needs network).")
+    hf_dataset: str | None = Field(None, description="A Hugging Face dataset name (optional extra, needs network).")
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    builtin: Literal["shakespeare"] | None = Field(None, description="A small corpus installed with the package.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of the tokens held out for validation.")
+    cache_dir: str | None = Field(None, description="Token cache folder (default: ~/.cache/gpt2exp/tokens).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("path", "url", "hf_dataset", "builtin") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one data source, got {', '.join(given)}")
+        if not given:
+            object.__setattr__(self, "builtin", "shakespeare")
+        return self
+
+    @property
+    def source(self) -> str:
+        """The one source as ``kind:value``, for display and cache keys."""
+        for k in ("path", "url", "hf_dataset", "builtin"):
+            if (v := getattr(self, k)) is not None:
+                return f"{k}:{v}"
+        raise AssertionError("unreachable: validated to have one source")
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainSpec(Strict):
+    """Optimisation and budget. ``batch_size`` is global (sequences per optimizer step)."""
+
+    max_steps: int | None = Field(None, gt=0, description="Budget in optimizer steps.")
+    max_tokens: int | None = Field(None, gt=0, description="Budget in training tokens (converted to steps).")
+    max_epochs: float | None = Field(None, gt=0, description="Budget in passes over the training split.")
+    batch_size: int = Field(8, gt=0, description="Global batch: sequences per optimizer step, whatever the worker count.")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Sequences per forward pass on one worker (default: batch_size / workers)."
+    )
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float | None = Field(None, ge=0, description="Floor of the schedule (default lr/10).")
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null: no clipping).")
+    eval_interval: int = Field(100, gt=0, description="Evaluate every N steps (and at the end).")
+    eval_batches: int = Field(10, gt=0, description="Micro-batches per evaluation.")
+    log_interval: int = Field(10, gt=0)
+    checkpoint_interval: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: eval_interval).")
+    seed: int = 1337
+    seeds: list[int] | None = Field(None, min_length=1, description="Run every variant once per seed.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSpec:
+        given = [k for k in ("max_steps", "max_tokens", "max_epochs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget (max_steps, max_tokens or max_epochs), got {', '.join(given)}")
+        if not given:
+            raise ValueError("no budget: set train.max_steps, train.max_tokens or train.max_epochs")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
+        return self
+
+    @property
+    def run_seeds(self) -> list[int]:
+        return self.seeds or [self.seed]
+
+
+# ------------------------------------------------------------------------------------- parallel
+class ParallelSpec(Strict):
+    """How a variant is executed: launcher, data-parallel strategy and workers."""
+
+    launcher: Literal["local", "ray"] = Field("local", description="local: this process (or torchrun); ray: Ray Train.")
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: int | None = Field(None, gt=0, description="Default: the node's CPUs shared among workers.")
+    max_concurrent: int | None = Field(None, gt=0, description="Variants running at once (default: as many as fit).")
+    max_failures: int = Field(0, ge=0, description="Restarts of a crashed worker group from its last checkpoint.")
+    peak_flops: float | None = Field(None, gt=0, description="Peak FLOP/s of one device for MFU (default: known-GPU table).")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_fit_strategy(cls, v: int, info: ValidationInfo) -> int:
+        strategy, launcher = info.data.get("strategy"), info.data.get("launcher")
+        if strategy == "fsdp" and v < 2:
+            raise ValueError("fsdp shards over workers and needs num_workers >= 2; use strategy: ddp or none for one worker")
+        if strategy == "none" and v > 1:
+            raise ValueError(f"num_workers={v} needs a data-parallel strategy: set parallel.strategy to ddp or fsdp")
+        if launcher == "local" and v > 1:
+            raise ValueError(f"launcher local runs one process; for num_workers={v} use launcher: ray (or torchrun)")
+        return v
+
+
+# ------------------------------------------------------------------------------------- tracking
+with warnings.catch_warnings():  # `register` shadows ABCMeta.register on the class, not on instances
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class TrackingSpec(Strict):
+        """MLflow tracking."""
+
+        enabled: bool = True
+        tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else a SQLite store in the output folder.")
+        experiment_name: str | None = Field(None, description="MLflow experiment (default: the spec's name).")
+        register: str | None = Field(None, description="Register the best variant's model under this name, alias 'best'.")
+        log_checkpoints: bool = True
+        system_metrics: bool = True
+
+
+# ----------------------------------------------------------------------------------- experiment
+class VariantSpec(Strict):
+    """A named set of overrides of the base spec, as dotted paths: ``{model.n_kv_head: 4}``."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.,=+-]+$")
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExperimentSpec(Strict):
+    """A base configuration and the variants to compare."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    variants: list[VariantSpec] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted path -> values; crossed with variants.")
+    baseline: str | None = Field(None, description="Variant the others are compared to (default: the first).")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> ExperimentSpec:
+        t, p = self.train, self.parallel
+        micro = t.micro_batch_size or max(1, t.batch_size // p.num_workers)
+        if t.batch_size % (micro * p.num_workers):
+            raise ValueError(
+                f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size x num_workers = "
+                f"{micro} x {p.num_workers}; adjust train.batch_size or train.micro_batch_size"
+            )
+        if p.use_gpu and p.launcher == "local" and p.gpus_per_worker != 1:
+            raise ValueError("parallel.gpus_per_worker: the local launcher uses exactly one GPU")
+        for key in self.grid:
+            _check_path(key)
+        for v in self.variants:
+            for key in v.set:
+                _check_path(key)
+        names = [v.name for v in self.variants]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"variants: duplicate names {dupes}")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size // self.parallel.num_workers
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-steps per optimizer step on each worker."""
+        return self.train.batch_size // (self.micro_batch_size * self.parallel.num_workers)
+
+    def expand(self) -> list[Variant]:
+        """Variants × grid as fully validated specs (a spec with neither gives one variant, 'base')."""
+        return [Variant(name, overrides, _apply(self, overrides)) for name, overrides in self._variant_overrides()]
+
+    def _variant_overrides(self) -> list[tuple[str, dict[str, Any]]]:
+        listed = [(v.name, dict(v.set)) for v in self.variants] or [("", {})]
+        keys = list(self.grid)
+        combos = list(itertools.product(*(self.grid[k] for k in keys))) if keys else [()]
+        out = []
+        for (vname, vset), combo in itertools.product(listed, combos):
+            grid_set = dict(zip(keys, combo, strict=True))
+            grid_name = ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in grid_set.items())
+            name = "+".join(p for p in (vname, grid_name) if p) or "base"
+            out.append((name, {**vset, **grid_set}))
+        return out
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or self.expand()[0].name
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One expanded variant: its name, the overrides that made it, and its validated spec."""
+
+    name: str
+    overrides: dict[str, Any]
+    spec: ExperimentSpec
+
+
+# ----------------------------------------------------------------------------- loading, errors
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataSpec,
+    "model": ModelSpec,
+    "train": TrainSpec,
+    "parallel": ParallelSpec,
+    "tracking": TrackingSpec,
+}
+
+
+def _check_path(key: str) -> None:
+    section, _, field = key.partition(".")
+    if section not in _SECTIONS or field not in _SECTIONS[section].model_fields:
+        known = ", ".join(f"{s}.<field>" for s in _SECTIONS)
+        raise ValueError(f"{key!r} is not a spec field (expected {known})")
+
+
+def _fmt(v: Any) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ValueError(f"{key!r}: {p!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _apply(base: ExperimentSpec, overrides: Mapping[str, Any]) -> ExperimentSpec:
+    """The base spec (without variants) with dotted overrides applied, re-validated."""
+    raw = base.model_dump(exclude={"variants", "grid"}, exclude_unset=True)
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    return ExperimentSpec.model_validate(raw)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SpecError([("--set", f"{item!r} is not KEY=VALUE (e.g. --set model.n_layer=4)")])
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+class SpecError(Exception):
+    """Invalid spec: a list of (field path, reason), printed one per line as ``FILE: path: reason``."""
+
+    def __init__(self, problems: list[tuple[str, str]], file: str | Path | None = None) -> None:
+        self.problems, self.file = problems, str(file) if file else None
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        prefix = f"{self.file}: " if self.file else ""
+        return [f"{prefix}{path}: {reason}" if path else f"{prefix}{reason}" for path, reason in self.problems]
+
+
+def _problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `gpt2exp schema` lists the fields)"
+        elif not path and ": " in msg and msg.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
+            path, msg = msg.split(": ", 1)  # cross-section checks name their field first
+        out.append((".".join(p for p in (prefix, path) if p), msg))
+    return out
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ExperimentSpec:
+    """Read, override (``a.b=value`` strings or a dict) and validate a spec, variants included."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError([("", "no such file")], path) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([(where, f"invalid YAML: {getattr(e, 'problem', e)}")], path) from None
+    if not isinstance(raw, dict):
+        raise SpecError([("", "a spec is a YAML mapping with name, data, model, train, ...")], path)
+    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    try:
+        for key, value in ov.items():
+            _set_dotted(raw, key, value)
+    except ValueError as e:
+        raise SpecError([("--set", str(e))], path) from None
+    return validate_spec(raw, path)
+
+
+def validate_spec(raw: dict[str, Any], file: str | Path | None = None) -> ExperimentSpec:
+    """Validate a raw mapping and every variant it expands to; raise SpecError with all problems."""
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_problems(e), file) from None
+    problems: list[tuple[str, str]] = []
+    for name, ov in spec._variant_overrides():
+        try:
+            _apply(spec, ov)
+        except ValidationError as e:
+            problems += _problems(e, prefix=f"variants[{name}]")
+        except ValueError as e:
+            problems.append((f"variants[{name}]", str(e)))
+    if spec.baseline and spec.baseline not in [n for n, _ in spec._variant_overrides()]:
+        problems.append(("baseline", f"{spec.baseline!r} is not one of the variants"))
+    if problems:
+        raise SpecError(problems, file)
+    return spec
