@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 class Strict(BaseModel):
     """Base for every section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -34,12 +34,14 @@ class ModelSpec(Strict):
     n_layer: int = Field(12, gt=0)
     n_head: int = Field(12, gt=0, description="Query heads.")
     n_kv_head: int | None = Field(
-        None, gt=0, description="Key/value heads: = n_head multi-head, divides n_head grouped-query, 1 multi-query. Default n_head."
+        None,
+        gt=0,
+        description="Key/value heads: n_head = multi-head, a divisor = grouped-query, 1 = multi-query (default n_head).",
     )
     n_embd: int = Field(768, gt=0)
     positional: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
-    sliding_window: int | None = Field(None, gt=0, description="Each token attends to at most the last W tokens (itself included).")
+    sliding_window: int | None = Field(None, gt=0, description="Each token sees at most the last W tokens (itself included).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(True, description="Biases in Linear layers and LayerNorms (GPT-2: true).")
     tie_weights: bool = Field(True, description="Share the token embedding with the LM head.")
@@ -205,7 +207,7 @@ with warnings.catch_warnings():  # `register` shadows ABCMeta.register on the cl
         """MLflow tracking."""
 
         enabled: bool = True
-        tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else a SQLite store in the output folder.")
+        tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the output folder.")
         experiment_name: str | None = Field(None, description="MLflow experiment (default: the spec's name).")
         register: str | None = Field(None, description="Register the best variant's model under this name, alias 'best'.")
         log_checkpoints: bool = True
@@ -236,23 +238,24 @@ class ExperimentSpec(Strict):
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentSpec:
+        """Checks that span sections; every problem is reported as ``field.path: reason``."""
         t, p = self.train, self.parallel
+        problems = []
         micro = t.micro_batch_size or max(1, t.batch_size // p.num_workers)
         if t.batch_size % (micro * p.num_workers):
-            raise ValueError(
+            problems.append(
                 f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size x num_workers = "
                 f"{micro} x {p.num_workers}; adjust train.batch_size or train.micro_batch_size"
             )
         if p.use_gpu and p.launcher == "local" and p.gpus_per_worker != 1:
-            raise ValueError("parallel.gpus_per_worker: the local launcher uses exactly one GPU")
-        for key in self.grid:
-            _check_path(key)
-        for v in self.variants:
-            for key in v.set:
-                _check_path(key)
+            problems.append("parallel.gpus_per_worker: the local launcher uses exactly one GPU")
+        paths = [("grid", k) for k in self.grid] + [(f"variants[{v.name}].set", k) for v in self.variants for k in v.set]
+        problems += [f"{where}: {msg}" for where, key in paths if (msg := _path_problem(key))]
         names = [v.name for v in self.variants]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"variants: duplicate names {dupes}")
+            problems.append(f"variants: duplicate names {dupes}")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -304,11 +307,13 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
-def _check_path(key: str) -> None:
+def _path_problem(key: str) -> str | None:
+    """Why a dotted override path names no spec field, or None when it does."""
     section, _, field = key.partition(".")
     if section not in _SECTIONS or field not in _SECTIONS[section].model_fields:
         known = ", ".join(f"{s}.<field>" for s in _SECTIONS)
-        raise ValueError(f"{key!r} is not a spec field (expected {known})")
+        return f"{key!r} is not a spec field (expected {known})"
+    return None
 
 
 def _fmt(v: Any) -> str:
@@ -342,7 +347,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise SpecError([("--set", f"{item!r} is not KEY=VALUE (e.g. --set model.n_layer=4)")])
+            raise ValueError(f"{item!r} is not KEY=VALUE (e.g. --set model.n_layer=4)")
         out[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return out
 
@@ -362,13 +367,13 @@ class SpecError(Exception):
 def _problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `gpt2exp schema` lists the fields)"
-        elif not path and ": " in msg and msg.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
-            path, msg = msg.split(": ", 1)  # cross-section checks name their field first
-        out.append((".".join(p for p in (prefix, path) if p), msg))
+        for line in msg.split("\n"):  # cross-section checks report several "field.path: reason" lines
+            path, reason = (loc, line) if loc or ": " not in line else line.split(": ", 1)
+            out.append((".".join(p for p in (prefix, path) if p), reason))
     return out
 
 
@@ -385,8 +390,8 @@ def load_spec(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = (
         raise SpecError([(where, f"invalid YAML: {getattr(e, 'problem', e)}")], path) from None
     if not isinstance(raw, dict):
         raise SpecError([("", "a spec is a YAML mapping with name, data, model, train, ...")], path)
-    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     try:
+        ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in ov.items():
             _set_dotted(raw, key, value)
     except ValueError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,7 +81,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------- forward
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         """Final-LayerNorm activations (B, T, n_embd) of tokens idx (B, T), continuing ``cache``."""
-        B, T = idx.shape
+        T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.spec.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.spec.block_size}")
@@ -121,7 +122,23 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens; temperature 0 is greedy.
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens (B, T + n); temperature 0 is greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos, use_cache, generator))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield the next tokens (B, 1) one step at a time (see ``generate``).
 
         With the KV cache each step feeds one token; once the context fills the block, the
         window slides and the cache is rebuilt from the last block_size tokens, so cached and
@@ -145,9 +162,9 @@ class GPT(nn.Module):
                 nxt = torch.where(done[:, None], torch.full_like(nxt, eos), nxt)
                 done |= nxt[:, 0] == eos
             idx = torch.cat([idx, nxt], dim=1)
+            yield nxt
             if eos is not None and bool(done.all()):
-                break
-        return idx
+                return
 
     # -------------------------------------------------------------------------------- helpers
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -194,7 +211,9 @@ class GPT(nn.Module):
         return save_hf_checkpoint(self, path)
 
 
-def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> Tensor:
+def sample(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
     """Next tokens (B, 1) from logits (B, V): greedy at temperature 0, else top-k/top-p sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)

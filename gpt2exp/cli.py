@@ -1,0 +1,126 @@
+"""The ``gpt2exp`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpt2exp.spec import ExperimentSpec, SpecError, load_spec
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Compare GPT-2 variants from one YAML spec.")
+console = Console()
+err_console = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: a.b.c=value (repeatable).")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a one-line error and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def read_spec(path: Path, overrides: list[str] | None) -> ExperimentSpec:
+    """Load and validate a spec; a bad one prints ``FILE: field.path: reason`` lines and exits 2."""
+    try:
+        return load_spec(path, overrides or [])
+    except SpecError as e:
+        for line in e.lines():
+            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(2) from None
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+@app.command()
+def validate(spec_file: SpecArg, set_: SetOpt = None) -> None:
+    """Validate a spec and print its expanded variants."""
+    import torch
+
+    from gpt2exp.model import GPT
+
+    spec = read_spec(spec_file, set_)
+    table = Table(title=f"{spec.name}: {len(spec.expand())} variant(s) × {len(spec.train.run_seeds)} seed(s)")
+    for col in ("variant", "attention", "positions", "parameters", "FLOPs/token"):
+        table.add_column(col, justify="right" if col in ("parameters", "FLOPs/token") else "left")
+    for v in spec.expand():
+        with torch.device("meta"):
+            model = GPT(v.spec.model)
+        m = v.spec.model
+        table.add_row(v.name, m.attention_kind, m.positional, f"{model.num_params():,}", _human(model.flops_per_token()))
+    console.print(table)
+    t, p = spec.train, spec.parallel
+    budget = f"{t.max_steps} steps" if t.max_steps else f"{t.max_tokens:,} tokens" if t.max_tokens else f"{t.max_epochs} epochs"
+    console.print(
+        f"data {spec.data.source} · {budget} · batch {t.batch_size}×{spec.model.block_size} tokens "
+        f"(micro {spec.micro_batch_size} × accum {spec.grad_accum_steps} × workers {p.num_workers}) · "
+        f"{p.launcher}/{p.strategy} · {'GPU' if p.use_gpu else 'CPU'}",
+        highlight=False,
+    )
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of experiment specs (for editor autocompletion of the YAML)."""
+    sys.stdout.write(json.dumps(ExperimentSpec.model_json_schema(), indent=2) + "\n")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "\n",
+    pretrained: Annotated[str | None, typer.Option(help="Hugging Face GPT-2 folder or hub name (gpt2, ...).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 100,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(min=1)] = 200,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    seed: Annotated[int, typer.Option()] = 1337,
+) -> None:
+    """Generate text from a model, streaming tokens to the terminal."""
+    import torch
+
+    from gpt2exp.data import EOT, get_tokenizer
+    from gpt2exp.model import GPT
+
+    if pretrained is None:
+        raise fail("give the model to sample from: --pretrained PATH_OR_NAME")
+    try:
+        model = GPT.from_pretrained(pretrained).eval()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise fail(str(e)) from None
+    enc = get_tokenizer()
+    idx = torch.tensor([enc.encode(prompt, allowed_special={"<|endoftext|>"})])
+    gen = torch.Generator().manual_seed(seed)
+    sys.stdout.write(prompt)
+    new: list[int] = []
+    shown = 0
+    for tok in model.stream(idx, max_new_tokens, temperature, top_k, top_p, eos=EOT, generator=gen):
+        if tok.item() == EOT:
+            break
+        new.append(tok.item())
+        text = enc.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+    sys.stdout.write(enc.decode(new)[shown:] + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
