@@ -14,7 +14,7 @@ from rich.table import Table
 from gpt2exp.spec import ExperimentSpec, SpecError, load_spec
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Compare GPT-2 variants from one YAML spec.")
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=160)  # piped output: no truncated tables
 err_console = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
@@ -70,6 +70,59 @@ def validate(spec_file: SpecArg, set_: SetOpt = None) -> None:
         f"{p.launcher}/{p.strategy} · {'GPU' if p.use_gpu else 'CPU'}",
         highlight=False,
     )
+
+
+@app.command()
+def run(
+    spec_file: SpecArg,
+    set_: SetOpt = None,
+    launcher: Annotated[str | None, typer.Option(help="local or ray (default: the spec's parallel.launcher).")] = None,
+    output: Annotated[Path, typer.Option(help="Folder for runs, checkpoints and results.")] = Path("outputs"),
+    progress: Annotated[bool, typer.Option(help="Live progress table.")] = True,
+) -> None:
+    """Train every variant of a spec and print the results table."""
+    from gpt2exp.data.prepare import DataError
+    from gpt2exp.launch.plan import make_plan
+    from gpt2exp.launch.runner import run_plan
+
+    overrides = list(set_ or []) + ([f"parallel.launcher={launcher}"] if launcher else [])
+    spec = read_spec(spec_file, overrides)
+    try:
+        plan = make_plan(spec, output, show_progress=progress)
+    except DataError as e:
+        raise fail(str(e), 2) from None
+    console.print(f"[bold]{spec.name}[/]: {len(plan.jobs)} run(s), {len(plan.pending())} to do · output {plan.out_dir}")
+    try:
+        results = run_plan(plan, spec.parallel.launcher, console, show_progress=progress)
+    except KeyboardInterrupt:
+        raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {plan.out_dir}", 130) from None
+    print_results(results)
+    console.print(f"results: {plan.out_dir / 'results.csv'}")
+    if failed := [f"{r.variant} (seed {r.seed}): {r.status}" for r in results.itertuples() if r.status != "completed"]:
+        raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")
+
+
+def print_results(results) -> None:
+    """The final table: one row per run."""
+    table = Table(title="results")
+    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "perplexity", "tokens/s", "wall s", "status")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("variant", "status") else "right")
+    num = lambda v, f: "" if v is None or v != v else format(v, f)
+    for r in results.itertuples():
+        table.add_row(
+            str(r.variant),
+            str(r.seed),
+            num(r.params, ",.0f"),
+            num(r.tokens, ",.0f"),
+            num(r.train_loss, ".4f"),
+            num(r.val_loss, ".4f"),
+            num(r.val_perplexity, ".2f"),
+            num(r.tokens_per_sec, ",.0f"),
+            num(r.wall_s, ".1f"),
+            str(r.status),
+        )
+    console.print(table)
 
 
 @app.command()

@@ -9,6 +9,7 @@ validates the base and every expanded variant, so a bad spec fails before anythi
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ class ParallelSpec(Strict):
             raise ValueError("fsdp shards over workers and needs num_workers >= 2; use strategy: ddp or none for one worker")
         if strategy == "none" and v > 1:
             raise ValueError(f"num_workers={v} needs a data-parallel strategy: set parallel.strategy to ddp or fsdp")
-        if launcher == "local" and v > 1:
+        if launcher == "local" and v > 1 and v != int(os.environ.get("WORLD_SIZE", 1)):  # torchrun sets WORLD_SIZE
             raise ValueError(f"launcher local runs one process; for num_workers={v} use launcher: ray (or torchrun)")
         return v
 

@@ -1,0 +1,62 @@
+"""The local launcher: the worker loop in this process on one device, or on every rank of a
+``torchrun`` job (the loop picks the process group up from the environment)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpt2exp.parallel.distributed import init_from_env, pick_device, rank_and_world, set_cpu_threads
+from gpt2exp.training.checkpoint import barrier, is_complete
+from gpt2exp.training.loop import TrainJob, train
+
+KEEP_CHECKPOINTS = 2
+
+
+class LocalSession:
+    """Checkpoints in ``<run_dir>/checkpoints/step_<N>``, written under a temporary name and renamed."""
+
+    def __init__(self, job: TrainJob, emit: Callable[[dict[str, Any]], None]) -> None:
+        init_from_env(job.spec.parallel.use_gpu)
+        self.rank, self.world_size = rank_and_world()
+        self.device = pick_device(job.spec.parallel.use_gpu)
+        if self.device.type == "cpu":
+            set_cpu_threads(job.spec.parallel, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
+        self.dir = Path(job.run_dir) / "checkpoints"
+        self.job, self._emit = job, emit
+
+    def _complete(self) -> list[Path]:
+        found = [p for p in self.dir.glob("step_*") if is_complete(p)] if self.dir.is_dir() else []
+        return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+    def restore(self, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+        done = self._complete()
+        return read(done[-1]) if done else None
+
+    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> None:
+        final = self.dir / f"step_{metrics['step']:08d}"
+        tmp = self.dir / f".tmp-{final.name}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self._complete()[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self._emit(record)
+
+
+def run_local(job: TrainJob, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Train one job here (one process, or this rank of a torchrun group)."""
+    return train(job, LocalSession(job, emit))

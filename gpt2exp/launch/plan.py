@@ -1,0 +1,86 @@
+"""From a validated spec to the list of training jobs: data prepared once, one job per variant and
+seed, each with its own output folder and a step budget. A job whose final weights and status
+file exist is finished, and a rerun skips it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt2exp.data.prepare import TokenData, prepare
+from gpt2exp.spec import DataSpec, ExperimentSpec
+from gpt2exp.training.loop import TrainJob
+
+STATUS = "status.json"
+
+
+@dataclass
+class Plan:
+    spec: ExperimentSpec
+    out_dir: Path
+    jobs: list[TrainJob]
+
+    def pending(self) -> list[TrainJob]:
+        return [j for j in self.jobs if read_status(j).get("status") != "completed"]
+
+
+def total_steps(spec: ExperimentSpec, n_train_tokens: int) -> int:
+    """The step budget from max_steps, max_tokens or max_epochs (tokens per step = batch x block)."""
+    t = spec.train
+    per_step = t.batch_size * spec.model.block_size
+    if t.max_steps:
+        return t.max_steps
+    if t.max_tokens:
+        return math.ceil(t.max_tokens / per_step)
+    return max(1, math.ceil(t.max_epochs * n_train_tokens / per_step))
+
+
+def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True) -> Plan:
+    """Prepare every distinct data source once and lay out one job per variant and seed."""
+    out_dir = output.resolve() / spec.name
+    prepared: dict[str, TokenData] = {}
+
+    def tokens_for(data: DataSpec) -> TokenData:
+        key = data.model_dump_json()
+        if key not in prepared:
+            prepared[key] = prepare(data, show_progress=show_progress)
+        return prepared[key]
+
+    jobs = []
+    for variant in spec.expand():
+        files = tokens_for(variant.spec.data)
+        files.check_min_tokens(variant.spec.model.block_size)
+        for seed in spec.train.run_seeds:
+            jobs.append(
+                TrainJob(
+                    experiment=spec.name,
+                    variant=variant.name,
+                    seed=seed,
+                    spec=variant.spec,
+                    train_tokens=str(files.dir / "train.bin"),
+                    val_tokens=str(files.dir / "val.bin"),
+                    run_dir=str(out_dir / "runs" / variant.name / f"seed_{seed}"),
+                    total_steps=total_steps(variant.spec, files.n_train),
+                )
+            )
+    return Plan(spec, out_dir, jobs)
+
+
+def read_status(job: TrainJob) -> dict[str, Any]:
+    path = Path(job.run_dir) / STATUS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_status(job: TrainJob, status: str, **fields: Any) -> dict[str, Any]:
+    """Record a job's outcome (``completed``, ``failed``, ``diverged``, ``interrupted``) and its figures."""
+    record = {"experiment": job.experiment, "variant": job.variant, "seed": job.seed, "status": status, **fields}
+    path = Path(job.run_dir) / STATUS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+    return record

@@ -1,0 +1,119 @@
+"""Run every job of a plan with the spec's launcher, record each outcome, write ``results.csv``.
+
+One failing job does not stop its siblings; finished jobs are skipped on a rerun and unfinished
+ones resume from their last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from rich.console import Console
+
+from gpt2exp.launch.plan import Plan, read_status, write_status
+from gpt2exp.launch.progress import ProgressView
+from gpt2exp.training.loop import Diverged, TrainJob
+
+METRICS = "metrics.jsonl"
+RESULT_COLUMNS = [
+    "variant",
+    "seed",
+    "params",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "val_perplexity",
+    "tokens_per_sec",
+    "wall_s",
+    "status",
+    "error",
+]
+
+
+def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error: BaseException | None) -> dict[str, Any]:
+    """The status record of a finished attempt (written to the run folder)."""
+    if error is None:
+        assert summary is not None
+        fields = {k: summary.get(k) for k in ("params", "train_loss", "val_loss", "val_perplexity", "tokens_per_sec", "mfu")}
+        return write_status(job, "completed", tokens=summary.get("tokens_seen"), wall_s=wall_s, **fields)
+    status = "diverged" if isinstance(error, Diverged) else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    return write_status(job, status, wall_s=wall_s, error=str(error) or type(error).__name__)
+
+
+class Recorder:
+    """Where metric records go on the driver: the progress view and ``<run_dir>/metrics.jsonl``."""
+
+    def __init__(self, plan: Plan, view: ProgressView) -> None:
+        self.view, self.run_dirs = view, {j.key: Path(j.run_dir) for j in plan.jobs}
+
+    def record(self, key: str, record: dict[str, Any]) -> None:
+        self.view.record(key, record)
+        self.run_dirs[key].mkdir(parents=True, exist_ok=True)
+        with open(self.run_dirs[key] / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def status(self, key: str, status: str) -> None:
+        self.view.status(key, status)
+
+
+def read_metrics(job: TrainJob) -> pd.DataFrame:
+    """The step records of a run (one row per logged step)."""
+    path = Path(job.run_dir) / METRICS
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return pd.DataFrame([r for r in rows if r.get("event") == "step"])
+
+
+def run_jobs_locally(jobs: list[TrainJob], view: Recorder) -> None:
+    """One job after another in this process (the local launcher)."""
+    from gpt2exp.launch.local import run_local
+
+    for job in jobs:
+        view.status(job.key, "starting")
+        t0, summary, error = time.perf_counter(), None, None
+        try:
+            summary = run_local(job, lambda record, key=job.key: view.record(key, record))
+        except KeyboardInterrupt as e:
+            view.status(job.key, "interrupted")
+            outcome(job, None, time.perf_counter() - t0, e)
+            raise
+        except Exception as e:
+            error = e
+            if not isinstance(e, Diverged):
+                traceback.print_exc()
+        record = outcome(job, summary, time.perf_counter() - t0, error)
+        view.status(job.key, record["status"] if record["status"] != "completed" else "done")
+
+
+def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_progress: bool = True) -> pd.DataFrame:
+    """Run the plan's unfinished jobs and return (and write) the results table."""
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    (plan.out_dir / "spec.yaml").write_text(yaml.safe_dump(plan.spec.model_dump(mode="json"), sort_keys=False))
+    pending = plan.pending()
+    view = ProgressView([j.key for j in plan.jobs], console, enabled=show_progress)
+    for job in plan.jobs:
+        if job not in pending:
+            view.status(job.key, "done (earlier)")
+    runner: Callable[[list[TrainJob], Recorder], None]
+    if launcher == "ray":
+        from gpt2exp.launch.ray import run_jobs_on_ray as runner
+    else:
+        runner = run_jobs_locally
+    try:
+        with view:
+            runner(pending, Recorder(plan, view))
+    finally:
+        results = write_results(plan)
+    return results
+
+
+def write_results(plan: Plan) -> pd.DataFrame:
+    rows = [read_status(j) or {"variant": j.variant, "seed": j.seed, "status": "not run"} for j in plan.jobs]
+    df = pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
+    df.to_csv(Path(plan.out_dir) / "results.csv", index=False)
+    return df

@@ -1,0 +1,155 @@
+"""The worker loop: one function that trains one variant at one seed, whatever launches it (this
+process, torchrun, or a Ray Train worker). Launchers differ only in the ``Session`` they pass."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gpt2exp.data.loader import BatchSampler, to_device
+from gpt2exp.model import GPT
+from gpt2exp.parallel.distributed import all_mean, grad_sync, wrap
+from gpt2exp.spec import ExperimentSpec
+from gpt2exp.training.checkpoint import read_state, save_final, write_state
+from gpt2exp.training.metrics import mfu, peak_flops
+from gpt2exp.training.optim import build_optimizer, lr_at
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs to train one variant at one seed (plain data: it crosses processes)."""
+
+    experiment: str
+    variant: str
+    seed: int
+    spec: ExperimentSpec  # the variant's own spec
+    train_tokens: str  # token files written by data preparation
+    val_tokens: str
+    run_dir: str  # this run's output folder (final weights go to <run_dir>/final)
+    total_steps: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/seed={self.seed}"
+
+
+class Session(Protocol):
+    """What the loop needs from its launcher."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def restore(self, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+        """Call ``read`` on the latest complete checkpoint folder, if any; return what it returns."""
+
+    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> None:
+        """Every rank: ``write`` its part into a folder that becomes the latest checkpoint."""
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Rank 0: a metrics record for progress display and tracking (must not block)."""
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient became NaN/inf."""
+
+
+def _autocast(spec: ExperimentSpec, device: torch.device) -> contextlib.AbstractContextManager:
+    precision = spec.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train(job: TrainJob, session: Session) -> dict[str, Any]:
+    """Train ``job`` to ``job.total_steps`` (resuming from the session's latest checkpoint)."""
+    spec, t, device = job.spec, job.spec.train, session.device
+    torch.manual_seed(job.seed)  # same init on every rank and for every world size
+    raw = GPT(spec.model).to(device)
+    flops_per_token, n_params = raw.flops_per_token(), raw.num_params()
+    bf16 = device.type == "cuda" and t.precision in ("auto", "bf16")
+    model = wrap(raw, spec.parallel, device, bf16)
+    optimizer = build_optimizer(raw, t, device)
+    if t.compile:
+        model = torch.compile(model)
+    sampler = BatchSampler(job.train_tokens, spec.model.block_size, t.batch_size, job.seed, session.rank, session.world_size)
+    val_sampler = BatchSampler(job.val_tokens, spec.model.block_size, t.batch_size, job.seed, session.rank, session.world_size)
+    micro, accum = spec.micro_batch_size, spec.grad_accum_steps
+    tokens_per_step = t.batch_size * spec.model.block_size
+    peak = peak_flops(device, spec.parallel.peak_flops)
+    ckpt_every = t.checkpoint_interval or t.eval_interval
+
+    meta = session.restore(lambda folder: read_state(folder, raw, optimizer)) or {}
+    start = meta.get("step", 0)
+    last: dict[str, Any] = dict(meta.get("metrics", {}))
+
+    def evaluate() -> float:
+        model.eval()
+        losses = []
+        with torch.no_grad(), _autocast(spec, device):
+            for i in range(t.eval_batches):
+                x, y = to_device(*val_sampler.eval_batch(i), device)
+                losses.append(model(x[:micro], y[:micro])[1].item())
+        model.train()
+        return all_mean([sum(losses) / len(losses)], device)[0]
+
+    model.train()
+    t_log, steps_since_log = time.perf_counter(), 0
+    for step in range(start, job.total_steps):
+        lr = lr_at(step, job.total_steps, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for m, batch in enumerate(sampler.micro_batches(step, micro)):  # this rank's share of the global batch
+            xb, yb = to_device(*batch, device)  # (micro, T)
+            with grad_sync(model, m == accum - 1), _autocast(spec, device):
+                _, loss = model(xb, yb)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):  # identical on every rank: the gradients were all-reduced
+            raise Diverged(f"{job.key}: non-finite gradient norm at step {step + 1}; the last good checkpoint is kept")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_since_log += 1
+
+        done = step + 1
+        is_last = done == job.total_steps
+        if done % t.log_interval == 0 or done % t.eval_interval == 0 or is_last:
+            train_loss = all_mean([loss_sum.item() / accum], device)[0]
+            if not math.isfinite(train_loss):
+                raise Diverged(f"{job.key}: loss is {train_loss} at step {done}; the last good checkpoint is kept")
+            now = time.perf_counter()
+            tps = tokens_per_step * steps_since_log / (now - t_log)
+            last.update(
+                step=done,
+                train_loss=train_loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens_per_sec=tps,
+                tokens_seen=done * tokens_per_step,
+                mfu=mfu(flops_per_token, tps, peak, session.world_size),
+            )
+            if done % t.eval_interval == 0 or is_last:
+                last["val_loss"] = evaluate()
+                last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))
+            session.emit({**last, "event": "step", "total_steps": job.total_steps})
+            t_log, steps_since_log = time.perf_counter(), 0
+        if done % ckpt_every == 0 and not is_last:
+            state = {"step": done, "metrics": dict(last), "experiment": job.experiment, "variant": job.variant, "seed": job.seed}
+            session.checkpoint(lambda folder, state=state: write_state(folder, raw, optimizer, state), dict(last))
+            t_log = time.perf_counter()  # checkpoint time is not training throughput
+    save_final(Path(job.run_dir) / "final", raw, spec.model)  # raw: FSDP2 shards it in place
+    summary = {**last, "params": n_params, "flops_per_token": flops_per_token, "world_size": session.world_size}
+    session.emit({**summary, "event": "done", "total_steps": job.total_steps})
+    return summary
