@@ -1,0 +1,1 @@
+"""Data parallelism: process groups, devices, DDP and FSDP2."""

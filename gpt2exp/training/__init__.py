@@ -1,0 +1,1 @@
+"""The worker loop, optimizer and schedule, checkpoints and training metrics."""
