@@ -1,5 +1,7 @@
-"""The Ray launcher: each job is a Ray Train ``TorchTrainer`` (DDP or FSDP workers, CPU or GPU),
-all in one Ray session, several side by side when the cluster has room.
+"""The Ray launcher: Ray Train ``TorchTrainer`` worker groups (DDP or FSDP, CPU or GPU), all in one
+Ray session. Starting a worker group costs many seconds, so jobs of the same worker shape share one:
+a group ("lane") trains its jobs one after another, and lanes run side by side when the cluster
+has room.
 
 Workers send metric records to a small actor that the driver drains for the progress view;
 ``ray.train.report`` is called only with checkpoints (it is a barrier across workers), and
@@ -7,15 +9,19 @@ checkpoints upload asynchronously so steps do not wait for storage."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from gpt2exp.launch.plan import Plan, read_status
 from gpt2exp.launch.runner import Recorder, outcome
 from gpt2exp.parallel.distributed import pick_device
+from gpt2exp.training.checkpoint import META
 from gpt2exp.training.loop import Diverged, TrainJob, train
 
 # Ray's Train controller polls workers every 2 s by default, which makes each report (and the end
@@ -23,6 +29,7 @@ from gpt2exp.training.loop import Diverged, TrainJob, train
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import ray
 import ray.train
@@ -46,33 +53,30 @@ class ProgressBus:
 
 
 class RaySession:
-    """The loop's view of a Ray Train worker."""
+    """The loop's view of a Ray Train worker running one job of its lane."""
 
     def __init__(self, job: TrainJob, bus: Any) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = pick_device(job.spec.parallel.use_gpu)
-        if self.device.type == "cpu":  # the CPUs Ray gave this worker, not Ray's default of one thread
-            import torch
-
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
         self.job, self.bus = job, bus
 
-    def restore(self, read):
+    def restore(self, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+        """The lane's latest registered checkpoint, when it belongs to this job."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return read(Path(folder))
+            meta = json.loads((Path(folder) / META).read_text())
+            return read(Path(folder)) if (meta["variant"], meta["seed"]) == (self.job.variant, self.job.seed) else None
 
-    def checkpoint(self, write, metrics: dict[str, Any]) -> None:
+    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> None:
         folder = Path(tempfile.mkdtemp(prefix="gpt2exp-ckpt-"))
         write(folder)
         ray.train.report(
             {k: v for k, v in metrics.items() if v is not None},
             checkpoint=Checkpoint.from_directory(str(folder)),
-            checkpoint_dir_name=f"step_{metrics['step']:08d}",
+            checkpoint_dir_name=f"{self.job.variant}-seed{self.job.seed}-step_{metrics['step']:08d}",
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
             delete_local_checkpoint_after_upload=True,
         )
@@ -82,8 +86,25 @@ class RaySession:
             self.bus.put.remote(self.job.key, record)
 
 
-def _worker(config: dict[str, Any]) -> None:
-    train(config["job"], RaySession(config["job"], config["bus"]))
+def _lane_worker(config: dict[str, Any]) -> None:
+    """Every worker of a lane: train its jobs one after another in the same worker group."""
+    if not config["jobs"][0].spec.parallel.use_gpu:  # the CPUs Ray gave this worker, not one thread
+        import torch
+
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    for job in config["jobs"]:
+        if read_status(job).get("status") == "completed":
+            continue
+        session = RaySession(job, config["bus"])
+        session.emit({"event": "start"})
+        t0, summary, error = time.perf_counter(), None, None
+        try:
+            summary = train(job, session)
+        except Diverged as e:  # the same on every rank: the group goes on with the next job
+            error = e
+        if session.rank == 0:
+            outcome(job, summary, time.perf_counter() - t0, error)
+            session.emit({"event": "status", "status": "done" if error is None else "diverged"})
 
 
 def ensure_ray() -> None:
@@ -97,84 +118,91 @@ def ensure_ray() -> None:
     ray.init(**kwargs)
 
 
-def _concurrency(jobs: list[TrainJob]) -> int:
-    """How many runs fit side by side on the cluster (by the largest run's workers)."""
-    resources = ray.cluster_resources()
-    fits = []
-    for p in (job.spec.parallel for job in jobs):
-        if p.use_gpu:
-            fits.append(int(resources.get("GPU", 0) // (p.num_workers * p.gpus_per_worker)))
+def _shape(job: TrainJob) -> tuple:
+    p = job.spec.parallel
+    return p.num_workers, p.use_gpu, p.gpus_per_worker, p.cpus_per_worker
+
+
+def lanes(jobs: list[TrainJob], resources: dict[str, float]) -> dict[str, list[TrainJob]]:
+    """Jobs with the same worker shape share worker groups ("lanes"), as many lanes side by side
+    as the cluster fits. Lanes are named by their place in the whole plan, so a rerun finds them."""
+    groups: dict[tuple, list[TrainJob]] = {}
+    for job in jobs:
+        groups.setdefault(_shape(job), []).append(job)
+    out = {}
+    for (workers, use_gpu, gpus, cpus), members in groups.items():
+        if use_gpu:
+            fit = int(resources.get("GPU", 0) // (workers * gpus))
         else:
-            fits.append(int(resources.get("CPU", 1) // (p.num_workers * (p.cpus_per_worker or 1))))
-    limit = jobs[0].spec.parallel.max_concurrent or len(jobs)
-    return max(1, min(len(jobs), limit, min(fits)))
+            fit = int(resources.get("CPU", 1) // (workers * (cpus or 1)))
+        n = max(1, min(len(members), members[0].spec.parallel.max_concurrent or len(members), fit))
+        for i in range(n):
+            out[f"{workers}x{'gpu' if use_gpu else 'cpu'}-lane{i + 1}of{n}"] = members[i::n]
+    return out
 
 
-def _cpus_per_worker(job: TrainJob, concurrent: int) -> float:
-    """The spec's CPUs per worker, else an equal share of the cluster's CPUs among running workers."""
-    p = job.spec.parallel
-    return p.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // (concurrent * p.num_workers)))
-
-
-def _fit(job: TrainJob, bus: Any, cpus_per_worker: float) -> None:
-    p = job.spec.parallel
-    resources = {"CPU": cpus_per_worker} | ({"GPU": p.gpus_per_worker} if p.use_gpu else {})
-    storage = Path(job.run_dir).parent.parent.parent / "ray"  # <out>/<experiment>/ray
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"job": job, "bus": bus},
+def _trainer(name: str, jobs: list[TrainJob], bus: Any, concurrent: int, storage: Path) -> TorchTrainer:
+    p = jobs[0].spec.parallel
+    cpus = p.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // (concurrent * p.num_workers)))
+    resources = {"CPU": cpus} | ({"GPU": p.gpus_per_worker} if p.use_gpu else {})
+    return TorchTrainer(
+        _lane_worker,
+        train_loop_config={"jobs": jobs, "bus": bus},
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{job.variant}-seed{job.seed}",
+            name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=p.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
 
 
-def _error(e: BaseException) -> BaseException:
-    """The worker's own exception inside Ray's wrapper, when it is a divergence."""
-    text = str(e)
-    return Diverged(text[text.find("non-finite") if "non-finite" in text else 0 :].splitlines()[0]) if "Diverged" in text else e
+def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
+    """Run the plan's unfinished jobs on Ray Train: one trainer per lane, lanes side by side.
 
-
-def run_jobs_on_ray(jobs: list[TrainJob], view: Recorder) -> None:
-    """Run the jobs as Ray Train trainers, as many at once as the cluster fits."""
-    if not jobs:
+    When a lane's trainer fails (a worker crashed beyond ``max_failures``, or a job raised), the
+    job it was running is marked failed and the lane restarts with the jobs after it."""
+    if not plan.pending():
         return
     ensure_ray()
     bus = ProgressBus.remote()
-    n = _concurrency(jobs)
-    summaries: dict[str, dict[str, Any]] = {}
+    all_lanes = lanes(plan.jobs, ray.cluster_resources())
+    running: dict[str, str] = {}  # lane -> key of the job it runs
     started: dict[str, float] = {}
+    by_key = {j.key: j for j in plan.jobs}
+    lane_of = {j.key: name for name, members in all_lanes.items() for j in members}
+    failed: set[str] = set()
 
-    def fit(job: TrainJob) -> None:
-        started[job.key] = time.perf_counter()
-        view.status(job.key, "starting")
-        _fit(job, bus, _cpus_per_worker(job, n))
+    def fit(name: str) -> None:
+        while todo := [j for j in all_lanes[name] if j.key not in failed and read_status(j).get("status") != "completed"]:
+            try:
+                _trainer(name, todo, bus, len(all_lanes), plan.out_dir / "ray").fit()
+                return
+            except Exception as e:  # the lane's current job failed for good; go on without it
+                drain()
+                job = by_key.get(running.get(name, ""), todo[0])
+                failed.add(job.key)
+                outcome(job, None, time.perf_counter() - started.get(job.key, time.perf_counter()), e)
+                recorder.status(job.key, "failed")
 
     def drain() -> None:
         for key, record in ray.get(bus.drain.remote()):
-            view.record(key, record)
-            if record.get("event") == "done":
-                summaries[key] = record
+            event = record.get("event")
+            if event == "start":
+                running[lane_of[key]], started[key] = key, time.perf_counter()
+                recorder.status(key, "running")
+            elif event == "status":
+                recorder.status(key, record["status"])
+            else:
+                recorder.record(key, record)
 
-    with ThreadPoolExecutor(n) as pool:
-        futures: dict[Future, TrainJob] = {pool.submit(fit, job): job for job in jobs}
-        pending = set(futures)
-        while pending:
+    with ThreadPoolExecutor(len(all_lanes)) as pool:
+        futures = [pool.submit(fit, name) for name in all_lanes]
+        while not all(f.done() for f in futures):
             time.sleep(0.25)
             drain()
-            for future in [f for f in pending if f.done()]:
-                pending.discard(future)
-                drain()
-                job = futures[future]
-                error = future.exception()
-                wall = time.perf_counter() - started.get(job.key, time.perf_counter())
-                if error is None and job.key not in summaries:
-                    error = RuntimeError("the run ended without a final summary")
-                record = outcome(job, summaries.get(job.key), wall, None if error is None else _error(error))
-                view.status(job.key, "done" if record["status"] == "completed" else record["status"])
+        drain()
+        for f in futures:
+            f.result()

@@ -69,11 +69,11 @@ def read_metrics(job: TrainJob) -> pd.DataFrame:
     return pd.DataFrame([r for r in rows if r.get("event") == "step"])
 
 
-def run_jobs_locally(jobs: list[TrainJob], view: Recorder) -> None:
-    """One job after another in this process (the local launcher)."""
+def run_jobs_locally(plan: Plan, view: Recorder) -> None:
+    """The unfinished jobs one after another in this process (the local launcher)."""
     from gpt2exp.launch.local import run_local
 
-    for job in jobs:
+    for job in plan.pending():
         view.status(job.key, "starting")
         t0, summary, error = time.perf_counter(), None, None
         try:
@@ -99,14 +99,14 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
     for job in plan.jobs:
         if job not in pending:
             view.status(job.key, "done (earlier)")
-    runner: Callable[[list[TrainJob], Recorder], None]
+    runner: Callable[[Plan, Recorder], None]
     if launcher == "ray":
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
     else:
         runner = run_jobs_locally
     try:
         with view:
-            runner(pending, Recorder(plan, view))
+            runner(plan, Recorder(plan, view))
     finally:
         results = write_results(plan)
     return results

@@ -180,7 +180,9 @@ class GPT(nn.Module):
         """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·hs·T with N the matmul parameters
         (all but the embedding lookups; the LM head counts) and T the attended context."""
         s = self.spec
-        n = self.num_params(exclude_embeddings=True) + s.vocab_size * s.n_embd
+        n = self.num_params(exclude_embeddings=True)
+        if s.tie_weights:  # the tied LM head was excluded with wte; an untied one is still counted
+            n += s.vocab_size * s.n_embd
         context = min(s.block_size, s.sliding_window or s.block_size)
         return 6 * n + 12 * s.n_layer * s.n_head * s.head_size * context
 

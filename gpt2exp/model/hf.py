@@ -55,6 +55,19 @@ def load_hf_checkpoint(name_or_path: str | Path) -> tuple[ModelSpec, dict[str, T
     cfg = json.loads(config_file.read_text())
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{folder}: model_type {cfg.get('model_type')!r} is not gpt2")
+    unsupported = [  # GPT-2 options GPT does not implement: loading would silently change the logits
+        f"{key}={cfg[key]!r}"
+        for key, ok in (
+            ("activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")),
+            ("n_inner", lambda v: v in (None, 4 * cfg["n_embd"])),
+            ("layer_norm_epsilon", lambda v: v == 1e-5),
+            ("scale_attn_weights", lambda v: v),
+            ("scale_attn_by_inverse_layer_idx", lambda v: not v),
+        )
+        if key in cfg and not ok(cfg[key])
+    ]
+    if unsupported:
+        raise ValueError(f"{folder}: GPT cannot reproduce this GPT-2 configuration: {', '.join(unsupported)}")
     spec = ModelSpec(
         vocab_size=cfg["vocab_size"],
         block_size=cfg["n_positions"],
