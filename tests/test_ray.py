@@ -1,0 +1,132 @@
+"""The Ray launcher on a real local Ray cluster (127.0.0.1): DDP and FSDP with 2 CPU workers follow
+the single-process loss curve, FSDP's consolidated weights load into a plain GPT, and a killed
+worker is replaced and training resumes from the last checkpoint."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+import yaml
+
+from gpt2exp.data.loader import BatchSampler
+from gpt2exp.launch.plan import make_plan
+from gpt2exp.launch.runner import read_metrics, run_plan
+from gpt2exp.spec import validate_spec
+from gpt2exp.training.checkpoint import load_final
+
+pytestmark = pytest.mark.slow
+
+SPEC = {
+    "name": "dp",
+    "data": {"path": "CORPUS"},
+    "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32},
+    "train": {
+        "max_steps": 16,
+        "batch_size": 8,
+        "lr": 2e-2,
+        "warmup_steps": 2,
+        "eval_interval": 8,
+        "eval_batches": 2,
+        "log_interval": 2,
+        "checkpoint_interval": 4,
+    },
+    "parallel": {"launcher": "ray"},
+    "variants": [
+        {"name": "single", "set": {}},
+        {"name": "ddp", "set": {"parallel.strategy": "ddp", "parallel.num_workers": 2}},
+        {"name": "fsdp", "set": {"parallel.strategy": "fsdp", "parallel.num_workers": 2}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> None:
+    """A private Ray cluster on 127.0.0.1 with this machine's CPUs, as the launcher starts it."""
+    import ray
+
+    from gpt2exp.launch.ray import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare_300k.txt"
+    path.write_bytes(corpus_path.read_bytes()[:300_000])
+    return path
+
+
+def spec_for(corpus: Path, **train: object) -> dict:
+    raw = yaml.safe_load(yaml.safe_dump(SPEC))
+    raw["data"]["path"] = str(corpus)
+    raw["train"].update(train)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def data_parallel(ray_cluster: None, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, object]:
+    plan = make_plan(validate_spec(spec_for(corpus)), tmp_path_factory.mktemp("dp"), show_progress=False)
+    return run_plan(plan, "ray", show_progress=False), plan
+
+
+def test_ddp_and_fsdp_follow_the_single_process_curve(data_parallel: tuple[pd.DataFrame, object]) -> None:
+    results, plan = data_parallel
+    assert results.status.tolist() == ["completed"] * 3, results.error.tolist()
+    curves = {job.variant: read_metrics(job).set_index("step") for job in plan.jobs}
+    assert curves["single"].index.tolist() == list(range(2, 17, 2))
+    for name in ("ddp", "fsdp"):
+        assert curves[name].index.tolist() == curves["single"].index.tolist()
+        assert (curves[name].train_loss - curves["single"].train_loss).abs().max() < 1e-3, name  # float reduction order differs
+        assert (curves[name].val_loss - curves["single"].val_loss).dropna().abs().max() < 1e-3, (
+            name
+        )  # float reduction order differs
+    assert curves["single"].train_loss.iloc[-1] < curves["single"].train_loss.iloc[0] - 1
+
+
+def test_fsdp_consolidated_weights_load_into_a_plain_gpt(data_parallel: tuple[pd.DataFrame, object]) -> None:
+    results, plan = data_parallel
+    job = next(j for j in plan.jobs if j.variant == "fsdp")
+    model = load_final(Path(job.run_dir) / "final").eval()
+    sampler = BatchSampler(job.val_tokens, 32, 8, job.seed)
+    with torch.no_grad():
+        losses = [model(*sampler.eval_batch(i))[1].item() for i in range(2)]
+    assert sum(losses) / 2 == pytest.approx(results.set_index("variant").val_loss["fsdp"], abs=1e-4)
+
+
+def _kill_a_worker_after(checkpoint_glob: str, root: Path, killed: list[int]) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list(root.glob(checkpoint_glob)):
+        time.sleep(0.05)
+    for proc in psutil.process_iter(["cmdline"]):
+        if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            proc.send_signal(signal.SIGKILL)
+            killed.append(proc.pid)
+            return
+
+
+def test_killed_worker_is_replaced_and_resumes(data_parallel: tuple[pd.DataFrame, object], corpus: Path, tmp_path: Path) -> None:
+    raw = spec_for(corpus)
+    raw["variants"] = [SPEC["variants"][1]]
+    raw["parallel"]["max_failures"] = 1
+    plan = make_plan(validate_spec(raw), tmp_path, show_progress=False)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after, args=("ray/*/ddp-seed1337-step_00000004", plan.out_dir, killed))
+    killer.start()
+    results = run_plan(plan, "ray", show_progress=False)
+    killer.join()
+    assert killed, "no worker was killed"
+    assert results.status.tolist() == ["completed"], results.error.tolist()
+    reference = data_parallel[0].set_index("variant")
+    assert results.train_loss[0] == pytest.approx(reference.train_loss["ddp"], abs=1e-4)
+    assert results.val_loss[0] == pytest.approx(reference.val_loss["ddp"], abs=1e-4)
+    steps = read_metrics(plan.jobs[0]).step.tolist()
+    assert steps[-1] == 16 and len(steps) > len(set(steps))  # steps after the restored checkpoint ran twice
