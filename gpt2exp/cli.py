@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -87,6 +88,9 @@ def run(
 
     overrides = list(set_ or []) + ([f"parallel.launcher={launcher}"] if launcher else [])
     spec = read_spec(spec_file, overrides)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all ranks
+        console.quiet = True
+        progress = False
     try:
         plan = make_plan(spec, output, show_progress=progress)
     except DataError as e:
@@ -98,7 +102,12 @@ def run(
         raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {plan.out_dir}", 130) from None
     print_results(results)
     console.print(f"results: {plan.out_dir / 'results.csv'}")
-    if failed := [f"{r.variant} (seed {r.seed}): {r.status}" for r in results.itertuples() if r.status != "completed"]:
+    failed = [
+        f"{r.variant} (seed {r.seed}): {r.status}" + (f" ({r.error})" if isinstance(r.error, str) else "")
+        for r in results.itertuples()
+        if r.status != "completed"
+    ]
+    if failed:
         raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")
 
 

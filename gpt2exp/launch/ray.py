@@ -21,6 +21,7 @@ from typing import Any
 from gpt2exp.launch.plan import Plan, read_status
 from gpt2exp.launch.runner import Recorder, outcome
 from gpt2exp.parallel.distributed import pick_device
+from gpt2exp.spec import ParallelSpec
 from gpt2exp.training.checkpoint import META
 from gpt2exp.training.loop import Diverged, TrainJob, train
 
@@ -198,11 +199,37 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
             else:
                 recorder.record(key, record)
 
-    with ThreadPoolExecutor(len(all_lanes)) as pool:
-        futures = [pool.submit(fit, name) for name in all_lanes]
+    resources = ray.cluster_resources()
+    for name, members in list(all_lanes.items()):
+        if problem := _does_not_fit(members[0].spec.parallel, resources):
+            for job in members:
+                outcome(job, None, 0.0, RuntimeError(problem))
+                recorder.status(job.key, "failed")
+            del all_lanes[name]
+    pool = ThreadPoolExecutor(max(1, len(all_lanes)))
+    futures = [pool.submit(fit, name) for name in all_lanes]
+    try:
         while not all(f.done() for f in futures):
             time.sleep(0.25)
             drain()
         drain()
         for f in futures:
             f.result()
+    except KeyboardInterrupt:  # stop the workers; registered checkpoints stay for the rerun
+        for key in running.values():
+            if read_status(by_key[key]).get("status") != "completed":
+                outcome(by_key[key], None, time.perf_counter() - started[key], KeyboardInterrupt())
+        ray.shutdown()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _does_not_fit(p: ParallelSpec, resources: dict[str, float]) -> str | None:
+    """Why a worker group of this shape can never be placed on the cluster, or None."""
+    need_cpu = p.num_workers * (p.cpus_per_worker or 1)
+    if p.use_gpu and resources.get("GPU", 0) < p.num_workers * p.gpus_per_worker:
+        return f"needs {p.num_workers} x {p.gpus_per_worker} GPU but the Ray cluster has {resources.get('GPU', 0):g}; lower parallel.num_workers or set parallel.use_gpu=false"
+    if resources.get("CPU", 0) < need_cpu:
+        return f"needs {need_cpu:g} CPUs for {p.num_workers} workers but the Ray cluster has {resources.get('CPU', 0):g}; lower parallel.num_workers or cpus_per_worker"
+    return None

@@ -6,6 +6,7 @@ ones resume from their last checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -43,7 +44,19 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
         fields = {k: summary.get(k) for k in ("params", "train_loss", "val_loss", "val_perplexity", "tokens_per_sec", "mfu")}
         return write_status(job, "completed", tokens=summary.get("tokens_seen"), wall_s=wall_s, **fields)
     status = "diverged" if isinstance(error, Diverged) else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    return write_status(job, status, wall_s=wall_s, error=str(error) or type(error).__name__)
+    text = str(error) or type(error).__name__
+    if status == "failed":
+        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(job.run_dir) / "error.log").write_text("".join(traceback.format_exception(error)))
+    return write_status(job, status, wall_s=wall_s, error=one_line(text))
+
+
+def one_line(text: str) -> str:
+    """The telling line of an error message: the last ``SomeError: ...`` line of a worker's
+    traceback when there is one (Ray wraps them), else the first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Diverged|Interrupt)\b.*: ", line)]
+    return (raised[-1] if raised else lines[0] if lines else "")[:500]
 
 
 class Recorder:
@@ -82,10 +95,8 @@ def run_jobs_locally(plan: Plan, view: Recorder) -> None:
             view.status(job.key, "interrupted")
             outcome(job, None, time.perf_counter() - t0, e)
             raise
-        except Exception as e:
+        except Exception as e:  # recorded (traceback in error.log); siblings go on
             error = e
-            if not isinstance(e, Diverged):
-                traceback.print_exc()
         record = outcome(job, summary, time.perf_counter() - t0, error)
         view.status(job.key, record["status"] if record["status"] != "completed" else "done")
 
