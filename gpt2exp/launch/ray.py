@@ -119,37 +119,40 @@ def ensure_ray() -> None:
     ray.init(**kwargs)
 
 
-def _shape(job: TrainJob) -> tuple:
-    p = job.spec.parallel
-    return p.num_workers, p.use_gpu, p.gpus_per_worker, p.cpus_per_worker
+def worker_resources(p: ParallelSpec) -> dict[str, float]:
+    """Ray resources of one worker. A CPU worker group fills one node unless the spec says
+    otherwise (torch threads scale within a node; side-by-side groups would only split them)."""
+    if p.use_gpu:
+        return {"CPU": p.cpus_per_worker or 1, "GPU": p.gpus_per_worker}
+    node_cpus = min((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]), default=1)
+    return {"CPU": p.cpus_per_worker or max(1, int(node_cpus // p.num_workers))}
 
 
 def lanes(jobs: list[TrainJob], resources: dict[str, float]) -> dict[str, list[TrainJob]]:
     """Jobs with the same worker shape share worker groups ("lanes"), as many lanes side by side
     as the cluster fits. Lanes are named by their place in the whole plan, so a rerun finds them."""
-    groups: dict[tuple, list[TrainJob]] = {}
+    groups: dict[str, list[TrainJob]] = {}
     for job in jobs:
-        groups.setdefault(_shape(job), []).append(job)
+        groups.setdefault(
+            job.spec.parallel.model_dump_json(include={"num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker"}), []
+        ).append(job)
     out = {}
-    for (workers, use_gpu, gpus, cpus), members in groups.items():
-        if use_gpu:
-            fit = int(resources.get("GPU", 0) // (workers * gpus))
-        else:
-            fit = int(resources.get("CPU", 1) // (workers * (cpus or 1)))
-        n = max(1, min(len(members), members[0].spec.parallel.max_concurrent or len(members), fit))
+    for members in groups.values():
+        p = members[0].spec.parallel
+        need = worker_resources(p)
+        fit = min(int(resources.get(kind, 0) // (p.num_workers * amount)) for kind, amount in need.items())
+        n = max(1, min(len(members), p.max_concurrent or len(members), fit))
         for i in range(n):
-            out[f"{workers}x{'gpu' if use_gpu else 'cpu'}-lane{i + 1}of{n}"] = members[i::n]
+            out[f"{p.num_workers}x{'gpu' if p.use_gpu else 'cpu'}-lane{i + 1}of{n}"] = members[i::n]
     return out
 
 
-def _trainer(name: str, jobs: list[TrainJob], bus: Any, concurrent: int, storage: Path) -> TorchTrainer:
+def _trainer(name: str, jobs: list[TrainJob], bus: Any, storage: Path) -> TorchTrainer:
     p = jobs[0].spec.parallel
-    cpus = p.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // (concurrent * p.num_workers)))
-    resources = {"CPU": cpus} | ({"GPU": p.gpus_per_worker} if p.use_gpu else {})
     return TorchTrainer(
         _lane_worker,
         train_loop_config={"jobs": jobs, "bus": bus},
-        scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=worker_resources(p)),
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
@@ -179,7 +182,7 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
     def fit(name: str) -> None:
         while todo := [j for j in all_lanes[name] if j.key not in failed and read_status(j).get("status") != "completed"]:
             try:
-                _trainer(name, todo, bus, len(all_lanes), plan.out_dir / "ray").fit()
+                _trainer(name, todo, bus, plan.out_dir / "ray").fit()
                 return
             except Exception as e:  # the lane's current job failed for good; go on without it
                 drain()
@@ -227,9 +230,10 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
 
 def _does_not_fit(p: ParallelSpec, resources: dict[str, float]) -> str | None:
     """Why a worker group of this shape can never be placed on the cluster, or None."""
-    need_cpu = p.num_workers * (p.cpus_per_worker or 1)
-    if p.use_gpu and resources.get("GPU", 0) < p.num_workers * p.gpus_per_worker:
-        return f"needs {p.num_workers} x {p.gpus_per_worker} GPU but the Ray cluster has {resources.get('GPU', 0):g}; lower parallel.num_workers or set parallel.use_gpu=false"
-    if resources.get("CPU", 0) < need_cpu:
-        return f"needs {need_cpu:g} CPUs for {p.num_workers} workers but the Ray cluster has {resources.get('CPU', 0):g}; lower parallel.num_workers or cpus_per_worker"
+    for kind, amount in worker_resources(p).items():
+        if resources.get(kind, 0) < p.num_workers * amount:
+            return (
+                f"needs {p.num_workers} workers x {amount:g} {kind} but the Ray cluster has {resources.get(kind, 0):g}; "
+                f"lower parallel.num_workers{' or set parallel.use_gpu=false' if kind == 'GPU' else ' or parallel.cpus_per_worker'}"
+            )
     return None

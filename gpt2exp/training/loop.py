@@ -148,7 +148,7 @@ def train(job: TrainJob, session: Session) -> dict[str, Any]:
             t_log, steps_since_log = time.perf_counter(), 0
         if done % ckpt_every == 0 and not is_last:
             state = {"step": done, "metrics": dict(last), "experiment": job.experiment, "variant": job.variant, "seed": job.seed}
-            session.checkpoint(lambda folder, state=state: write_state(folder, raw, optimizer, state), dict(last))
+            session.checkpoint(lambda folder, state=state: write_state(folder, raw, optimizer, state), {**last, "step": done})
             t_log = time.perf_counter()  # checkpoint time is not training throughput
     save_final(Path(job.run_dir) / "final", raw, spec.model)  # raw: FSDP2 shards it in place
     summary = {**last, "params": n_params, "flops_per_token": flops_per_token, "world_size": session.world_size}
