@@ -144,7 +144,7 @@ def test_cli_validate_prints_variants_and_exits_zero() -> None:
     assert result.exit_code == 0, result.output
     for name in ("positional=learned", "positional=rope", "positional=alibi", "positional=none"):
         assert name in result.output
-    assert "7,242,624" in result.output and "7,226,240" in result.output  # learned adds block_size x n_embd = 16,384
+    assert "7,248,640" in result.output and "7,232,256" in result.output  # learned adds block_size x n_embd = 16,384
 
 
 def test_cli_bad_spec_exits_2_with_one_line_no_traceback(tmp_path: Path) -> None:
