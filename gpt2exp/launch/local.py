@@ -36,7 +36,7 @@ class LocalSession:
         done = self._complete()
         return read(done[-1]) if done else None
 
-    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> None:
+    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         final = self.dir / f"step_{metrics['step']:08d}"
         tmp = self.dir / f".tmp-{final.name}"
         if self.rank == 0:
@@ -51,6 +51,7 @@ class LocalSession:
             for old in self._complete()[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
+        return str(final)
 
     def emit(self, record: dict[str, Any]) -> None:
         if self.rank == 0:

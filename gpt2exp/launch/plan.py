@@ -21,7 +21,8 @@ STATUS = "status.json"
 @dataclass
 class Plan:
     spec: ExperimentSpec
-    out_dir: Path
+    output: Path  # the folder given to `gpt2exp run --output`
+    out_dir: Path  # <output>/<experiment>
     jobs: list[TrainJob]
 
     def pending(self) -> list[TrainJob]:
@@ -67,7 +68,7 @@ def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True) ->
                     total_steps=total_steps(variant.spec, files.n_train),
                 )
             )
-    return Plan(spec, out_dir, jobs)
+    return Plan(spec, output.resolve(), out_dir, jobs)
 
 
 def read_status(job: TrainJob) -> dict[str, Any]:

@@ -71,16 +71,18 @@ class RaySession:
             meta = json.loads((Path(folder) / META).read_text())
             return read(Path(folder)) if (meta["variant"], meta["seed"]) == (self.job.variant, self.job.seed) else None
 
-    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> None:
+    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         folder = Path(tempfile.mkdtemp(prefix="gpt2exp-ckpt-"))
         write(folder)
+        name = f"{self.job.variant}-seed{self.job.seed}-step_{metrics['step']:08d}"
         ray.train.report(
             {k: v for k, v in metrics.items() if v is not None},
             checkpoint=Checkpoint.from_directory(str(folder)),
-            checkpoint_dir_name=f"{self.job.variant}-seed{self.job.seed}-step_{metrics['step']:08d}",
+            checkpoint_dir_name=name,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
             delete_local_checkpoint_after_upload=True,
         )
+        return str(Path(self.job.run_dir).parents[2] / "ray" / ray.train.get_context().get_experiment_name() / name)
 
     def emit(self, record: dict[str, Any]) -> None:
         if self.rank == 0:

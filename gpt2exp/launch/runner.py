@@ -10,12 +10,16 @@ import re
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from gpt2exp.tracking.runs import ExperimentTracker
 
 from gpt2exp.launch.plan import Plan, read_status, write_status
 from gpt2exp.launch.progress import ProgressView
@@ -110,6 +114,7 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
     for job in plan.jobs:
         if job not in pending:
             view.status(job.key, "done (earlier)")
+    tracker = track(plan) if plan.spec.tracking.enabled else None
     runner: Callable[[Plan, Recorder], None]
     if launcher == "ray":
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
@@ -120,7 +125,39 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
             runner(plan, Recorder(plan, view))
     finally:
         results = write_results(plan)
+        if tracker is not None:
+            for job in plan.jobs:
+                if job.tracking is not None:
+                    tracker.finish(job.tracking.run_id, read_status(job).get("status", "interrupted"))
+            tracker.finish(tracker.parent_id, "completed" if (results.status == "completed").all() else "failed")
     return results
+
+
+def track(plan: Plan) -> ExperimentTracker:
+    """Create (or find again) the MLflow runs of the plan and attach each job's run to it."""
+    import torch
+
+    from gpt2exp.model import GPT
+    from gpt2exp.tracking.runs import ExperimentTracker
+
+    tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
+    jobs = []
+    for job in plan.jobs:
+        with torch.device("meta"):
+            model = GPT(job.spec.model)
+        p = job.spec.parallel
+        facts = {
+            "n_params": model.num_params(),
+            "flops_per_token": model.flops_per_token(),
+            "world_size": p.num_workers,
+            "device": "cuda" if p.use_gpu else "cpu",
+        }
+        ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts)
+        data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
+        tracker.log_dataset(ref.run_id, data["source"], data.get("key", ""), int(data["n_train_tokens"]))
+        jobs.append(replace(job, tracking=ref))
+    plan.jobs = jobs
+    return tracker
 
 
 def write_results(plan: Plan) -> pd.DataFrame:

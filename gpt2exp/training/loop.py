@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -20,6 +20,9 @@ from gpt2exp.spec import ExperimentSpec
 from gpt2exp.training.checkpoint import read_state, save_final, write_state
 from gpt2exp.training.metrics import mfu, peak_flops
 from gpt2exp.training.optim import build_optimizer, lr_at
+
+if TYPE_CHECKING:
+    from gpt2exp.tracking.runs import RunRef
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class TrainJob:
     val_tokens: str
     run_dir: str  # this run's output folder (final weights go to <run_dir>/final)
     total_steps: int
+    tracking: RunRef | None = None  # the MLflow child run that rank 0 logs into
 
     @property
     def key(self) -> str:
@@ -50,8 +54,8 @@ class Session(Protocol):
     def restore(self, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
         """Call ``read`` on the latest complete checkpoint folder, if any; return what it returns."""
 
-    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> None:
-        """Every rank: ``write`` its part into a folder that becomes the latest checkpoint."""
+    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
+        """Every rank: ``write`` its part into a folder that becomes the latest checkpoint; returns where it is kept."""
 
     def emit(self, record: dict[str, Any]) -> None:
         """Rank 0: a metrics record for progress display and tracking (must not block)."""
@@ -71,7 +75,21 @@ def _autocast(spec: ExperimentSpec, device: torch.device) -> contextlib.Abstract
 
 
 def train(job: TrainJob, session: Session) -> dict[str, Any]:
-    """Train ``job`` to ``job.total_steps`` (resuming from the session's latest checkpoint)."""
+    """Train ``job`` to ``job.total_steps`` (resuming from the session's latest checkpoint); rank 0
+    logs into the job's MLflow run when it has one."""
+    logger = None
+    if job.tracking is not None and session.rank == 0:
+        from gpt2exp.tracking.runs import RunLogger
+
+        logger = RunLogger(job.tracking, job.spec.tracking.system_metrics)
+    try:
+        return _train(job, session, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
     spec, t, device = job.spec, job.spec.train, session.device
     torch.manual_seed(job.seed)  # same init on every rank and for every world size
     raw = GPT(spec.model).to(device)
@@ -145,12 +163,20 @@ def train(job: TrainJob, session: Session) -> dict[str, Any]:
                 record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
             last.update(record)
             session.emit({**record, "event": "step", "total_steps": job.total_steps})
+            if logger is not None:
+                logger.log(record)
             t_log, steps_since_log = time.perf_counter(), 0
         if done % ckpt_every == 0 and not is_last:
             state = {"step": done, "metrics": dict(last), "experiment": job.experiment, "variant": job.variant, "seed": job.seed}
-            session.checkpoint(lambda folder, state=state: write_state(folder, raw, optimizer, state), {**last, "step": done})
+            where = session.checkpoint(
+                lambda folder, state=state: write_state(folder, raw, optimizer, state), {**last, "step": done}
+            )
+            if logger is not None:
+                logger.checkpoint(done, last, where)
             t_log = time.perf_counter()  # checkpoint time is not training throughput
     save_final(Path(job.run_dir) / "final", raw, spec.model)  # raw: FSDP2 shards it in place
+    if logger is not None:
+        logger.final_model(Path(job.run_dir) / "final", job.total_steps)
     summary = {**last, "params": n_params, "flops_per_token": flops_per_token, "world_size": session.world_size}
     session.emit({**summary, "event": "done", "total_steps": job.total_steps})
     return summary

@@ -1,0 +1,1 @@
+"""MLflow tracking: runs of an experiment, worker-side logging, logged models and loading them."""

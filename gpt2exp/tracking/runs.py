@@ -1,0 +1,178 @@
+"""MLflow runs of an experiment: one parent run per experiment output folder, one nested child run
+per variant and seed (made by the driver before any worker starts), and the worker-side logger
+that rank 0 uses to write metrics, checkpoints and the final model into its child run.
+
+A rerun of the same experiment (same output folder) continues the same runs: their ids are kept
+in ``<out>/<experiment>/mlflow.json`` and ``<run_dir>/mlflow.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from gpt2exp.spec import ExperimentSpec
+
+MAX_PARAM = 6000  # MLflow's limit on a param value
+METRICS = ("train_loss", "val_loss", "val_perplexity", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen")
+IDS = "mlflow.json"
+
+
+def tracking_uri(spec: ExperimentSpec, output: Path) -> str:
+    """The spec's URI, else MLFLOW_TRACKING_URI, else a SQLite store in the output folder (absolute)."""
+    return spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output.resolve() / 'mlflow.db'}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = str(value)[:MAX_PARAM]
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Where a worker logs: the tracking URI and its child run (plain data: it crosses processes)."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+
+
+class ExperimentTracker:
+    """Driver side: the store, the MLflow experiment, the parent run and one child run per job."""
+
+    def __init__(self, spec: ExperimentSpec, output: Path, out_dir: Path) -> None:
+        from gpt2exp import __version__
+
+        self.uri = tracking_uri(spec, output)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        name = spec.tracking.experiment_name or spec.name
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:  # created here, before any worker, so no two processes race to create the store
+            artifacts = (output.resolve() / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") else None
+            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self.out_dir, self.spec = out_dir, spec
+        self.tags = {"gpt2exp.experiment": spec.name, "gpt2exp.version": __version__, "host": platform.node()}
+        if commit := _git_commit():
+            self.tags["mlflow.source.git.commit"] = commit
+        self.parent_id = self._run(out_dir / IDS, spec.name, self.tags, None)
+        self.client.log_dict(self.parent_id, spec.model_dump(mode="json"), "spec.yaml")
+
+    def _run(self, ids_file: Path, name: str, tags: dict[str, str], parent: str | None) -> str:
+        """The run recorded in ``ids_file`` if it still exists in this store, else a new one."""
+        if ids_file.is_file():
+            known = json.loads(ids_file.read_text())
+            if known.get("uri") == self.uri:
+                try:
+                    run = self.client.get_run(known["run_id"])
+                    if run.info.lifecycle_stage == "active":
+                        self.client.update_run(run.info.run_id, status="RUNNING")
+                        return run.info.run_id
+                except mlflow.exceptions.MlflowException:
+                    pass
+        all_tags = tags | ({"mlflow.parentRunId": parent} if parent else {})
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+        ids_file.parent.mkdir(parents=True, exist_ok=True)
+        ids_file.write_text(json.dumps({"uri": self.uri, "run_id": run_id, "experiment_id": self.experiment_id}))
+        return run_id
+
+    def child(self, variant: str, seed: int, spec: ExperimentSpec, run_dir: Path, facts: dict[str, Any]) -> RunRef:
+        """The child run of one variant and seed, with its params (flattened spec + derived facts)."""
+        tags = self.tags | {"gpt2exp.variant": variant, "gpt2exp.seed": str(seed)}
+        run_id = self._run(run_dir / IDS, f"{variant}/seed={seed}", tags, self.parent_id)
+        if not self.client.get_run(run_id).data.params:
+            params = flatten(spec.model_dump(mode="json", exclude={"variants", "grid"})) | {k: str(v) for k, v in facts.items()}
+            items = [mlflow.entities.Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run_id, params=items[i : i + 100])
+            self.client.log_dict(run_id, spec.model_dump(mode="json", exclude={"variants", "grid"}), "spec.yaml")
+        return RunRef(self.uri, run_id, self.experiment_id)
+
+    def log_dataset(self, run_id: str, source: str, key: str, n_tokens: int) -> None:
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(HTTPDatasetSource(url=source), name=source.split(":", 1)[-1][-60:], digest=key[:16])
+        self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
+        self.client.set_tag(run_id, "gpt2exp.dataset_tokens", str(n_tokens))
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(
+            run_id, "FINISHED" if status == "completed" else "FAILED" if status in ("failed", "diverged") else "KILLED"
+        )
+
+
+class RunLogger:
+    """Worker side (rank 0): metrics batched and sent asynchronously, checkpoints as MLflow logged
+    models with their step and metrics, the final model as a pyfunc named ``model``."""
+
+    def __init__(self, ref: RunRef, system_metrics: bool = True) -> None:
+        mlflow.set_tracking_uri(ref.uri)
+        self.ref, self.client = ref, MlflowClient(ref.uri)
+        self.monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(ref.run_id, sampling_interval=5, resume_logging=True, tracking_uri=ref.uri)
+            self.monitor.start()
+
+    def log(self, record: dict[str, Any], model_id: str | None = None) -> None:
+        now = int(__import__("time").time() * 1000)
+        metrics = [
+            Metric(k, float(record[k]), now, int(record["step"]), model_id=model_id) for k in METRICS if record.get(k) is not None
+        ]
+        if metrics:
+            self.client.log_batch(self.ref.run_id, metrics=metrics, synchronous=False)
+
+    def checkpoint(self, step: int, metrics: dict[str, Any], location: str) -> None:
+        """Record a checkpoint (where it is stored, its step and metrics) as a logged model."""
+        model = self.client.create_logged_model(
+            self.ref.experiment_id,
+            name=f"checkpoint-{step:08d}",
+            source_run_id=self.ref.run_id,
+            tags={"gpt2exp.checkpoint": location, "gpt2exp.step": str(step)},
+            model_type="checkpoint",
+        )
+        self.log({**metrics, "step": step}, model_id=model.model_id)
+
+    def final_model(self, final_dir: Path, step: int) -> None:
+        from gpt2exp.tracking.pyfunc import log_gpt_model
+
+        with mlflow.start_run(run_id=self.ref.run_id):
+            log_gpt_model(final_dir, step=step)
+
+    def close(self) -> None:
+        mlflow.flush_async_logging()
+        if self.monitor is not None:
+            self.monitor.finish()
