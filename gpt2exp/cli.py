@@ -140,29 +140,73 @@ def schema() -> None:
     sys.stdout.write(json.dumps(ExperimentSpec.model_json_schema(), indent=2) + "\n")
 
 
+ModelUriOpt = Annotated[
+    str | None, typer.Option("--model-uri", help="runs:/<id>/model, models:/<name>@best, models:/<model_id>, or a model folder.")
+]
+
+
+OutputOpt = Annotated[Path, typer.Option(help="The project's output folder (its MLflow store: <output>/mlflow.db).")]
+TrackingUriOpt = Annotated[
+    str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the output folder's store).")
+]
+
+
+def use_store(output: Path, tracking_uri: str | None) -> str:
+    """Point MLflow at --tracking-uri, else MLFLOW_TRACKING_URI, else the project's SQLite store."""
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output.resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise fail(f"no MLflow store at {uri}: run an experiment first, or pass --output / --tracking-uri")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def open_model(
+    model_uri: str | None, pretrained: str | None = None, output: Path = Path("outputs"), tracking_uri: str | None = None
+):  # noqa: ANN201, RUF100
+    """The model to use, from an MLflow URI / folder or imported Hugging Face weights; one-line errors."""
+    from gpt2exp.data import get_tokenizer
+    from gpt2exp.model import GPT
+
+    if (model_uri is None) == (pretrained is None):
+        raise fail("give exactly one model: --model-uri URI or --pretrained PATH_OR_NAME")
+    try:
+        if pretrained is not None:
+            return GPT.from_pretrained(pretrained).eval(), get_tokenizer()
+        from mlflow.exceptions import MlflowException
+
+        from gpt2exp.tracking.pyfunc import load_model
+
+        if ":/" in model_uri:
+            use_store(output, tracking_uri)
+        try:
+            return load_model(model_uri)
+        except MlflowException as e:
+            raise ValueError(f"{model_uri}: {e.message.splitlines()[0]}") from None
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "\n",
+    model_uri: ModelUriOpt = None,
     pretrained: Annotated[str | None, typer.Option(help="Hugging Face GPT-2 folder or hub name (gpt2, ...).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 100,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
     top_k: Annotated[int | None, typer.Option(min=1)] = 200,
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     seed: Annotated[int, typer.Option()] = 1337,
+    output: OutputOpt = Path("outputs"),
+    tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """Generate text from a model, streaming tokens to the terminal."""
     import torch
 
-    from gpt2exp.data import EOT, get_tokenizer
-    from gpt2exp.model import GPT
+    from gpt2exp.data import EOT
 
-    if pretrained is None:
-        raise fail("give the model to sample from: --pretrained PATH_OR_NAME")
-    try:
-        model = GPT.from_pretrained(pretrained).eval()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise fail(str(e)) from None
-    enc = get_tokenizer()
+    model, enc = open_model(model_uri, pretrained, output, tracking_uri)
     idx = torch.tensor([enc.encode(prompt, allowed_special={"<|endoftext|>"})])
     gen = torch.Generator().manual_seed(seed)
     sys.stdout.write(prompt)
@@ -178,6 +222,32 @@ def generate(
             sys.stdout.flush()
             shown = len(text)
     sys.stdout.write(enc.decode(new)[shown:] + "\n")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="A text file, folder or glob to score.")],
+    model_uri: ModelUriOpt = None,
+    pretrained: Annotated[str | None, typer.Option(help="Hugging Face GPT-2 folder or hub name.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Score at most this many tokens.")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    output: OutputOpt = Path("outputs"),
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Score new text with a model: loss, perplexity and tokens, same tokenizer and block size."""
+    import math
+
+    from gpt2exp.data.sources import DataError
+    from gpt2exp.training.evaluate import score_files
+
+    model, enc = open_model(model_uri, pretrained, output, tracking_uri)
+    try:
+        loss, n_tokens = score_files(model, enc, str(data), max_tokens, batch_size)
+    except DataError as e:
+        raise fail(str(e), 2) from None
+    console.print(
+        f"loss {loss:.4f} · perplexity {math.exp(loss):.2f} · {n_tokens:,} tokens scored (block {model.spec.block_size})"
+    )
 
 
 def main() -> None:

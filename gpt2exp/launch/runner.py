@@ -126,11 +126,25 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
     finally:
         results = write_results(plan)
         if tracker is not None:
-            for job in plan.jobs:
-                if job.tracking is not None:
-                    tracker.finish(job.tracking.run_id, read_status(job).get("status", "interrupted"))
-            tracker.finish(tracker.parent_id, "completed" if (results.status == "completed").all() else "failed")
+            finish_tracking(plan, tracker, results, console or Console())
     return results
+
+
+def finish_tracking(plan: Plan, tracker: ExperimentTracker, results: pd.DataFrame, console: Console) -> None:
+    """Close the MLflow runs and register the best variant's model when the spec asks for it."""
+    for job in plan.jobs:
+        if job.tracking is not None:
+            tracker.finish(job.tracking.run_id, read_status(job).get("status", "interrupted"))
+    done = {
+        j.tracking.run_id: read_status(j)["val_loss"]
+        for j in plan.jobs
+        if j.tracking and read_status(j).get("status") == "completed"
+    }
+    if plan.spec.tracking.register and done:
+        name = plan.spec.tracking.register
+        version, loss = tracker.register_best(done, name)
+        console.print(f"registered models:/{name}@best (version {version}, val loss {loss:.4f})")
+    tracker.finish(tracker.parent_id, "completed" if (results.status == "completed").all() else "failed")
 
 
 def track(plan: Plan) -> ExperimentTracker:

@@ -16,6 +16,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 import gpt2exp
+import gpt2exp.tracking.runs  # MLflow's environment defaults: no telemetry, no progress bars
 from gpt2exp.model import GPT
 from gpt2exp.training.checkpoint import MODEL_SPEC, WEIGHTS, load_final
 
@@ -111,6 +112,10 @@ def load_model(uri: str) -> tuple[GPT, Any]:
     if folder.is_dir() and (folder / WEIGHTS).is_file():
         return load_final(folder).eval(), get_tokenizer()
     if not folder.is_dir():
+        if ":/" not in uri:
+            raise FileNotFoundError(
+                f"{uri}: neither a model folder nor an MLflow model URI (runs:/<id>/model, models:/<name>@best)"
+            )
         from mlflow.artifacts import download_artifacts
 
         folder = Path(download_artifacts(artifact_uri=uri))

@@ -17,6 +17,7 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow
 from mlflow import MlflowClient
@@ -126,6 +127,15 @@ class ExperimentTracker:
         dataset = MetaDataset(HTTPDatasetSource(url=source), name=source.split(":", 1)[-1][-60:], digest=key[:16])
         self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
         self.client.set_tag(run_id, "gpt2exp.dataset_tokens", str(n_tokens))
+
+    def register_best(self, candidates: dict[str, float], name: str) -> tuple[str, float]:
+        """Register the ``model`` of the child run with the lowest val loss (run id -> loss) under
+        ``name`` and point the alias ``best`` at it; returns (model version, its val loss)."""
+        run_id = min(candidates, key=candidates.__getitem__)
+        version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        self.client.set_registered_model_alias(name, "best", version.version)
+        self.client.set_tag(self.parent_id, "gpt2exp.best_run", run_id)
+        return version.version, candidates[run_id]
 
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(
