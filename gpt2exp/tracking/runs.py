@@ -165,8 +165,9 @@ class RunLogger:
         if metrics:
             self.client.log_batch(self.ref.run_id, metrics=metrics, synchronous=False)
 
-    def checkpoint(self, step: int, metrics: dict[str, Any], location: str) -> None:
-        """Record a checkpoint (where it is stored, its step and metrics) as a logged model."""
+    def checkpoint(self, step: int, record: dict[str, Any], location: str) -> None:
+        """Record a checkpoint (where it is stored, its step) as a logged model, and this step's
+        metrics record (if any) linked to it."""
         model = self.client.create_logged_model(
             self.ref.experiment_id,
             name=f"checkpoint-{step:08d}",
@@ -174,7 +175,8 @@ class RunLogger:
             tags={"gpt2exp.checkpoint": location, "gpt2exp.step": str(step)},
             model_type="checkpoint",
         )
-        self.log({**metrics, "step": step}, model_id=model.model_id)
+        if record:
+            self.log(record, model_id=model.model_id)
 
     def final_model(self, final_dir: Path, step: int) -> None:
         from gpt2exp.tracking.pyfunc import log_gpt_model

@@ -143,13 +143,15 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
 
         done = step + 1
         is_last = done == job.total_steps
+        checkpoint_due = done % ckpt_every == 0 and not is_last
+        record: dict[str, Any] = {}
         if done % t.log_interval == 0 or done % t.eval_interval == 0 or is_last:
             train_loss = all_mean([loss_sum.item() / accum], device)[0]
             if not math.isfinite(train_loss):
                 raise Diverged(f"{job.key}: loss is {train_loss} at step {done}; the last good checkpoint is kept")
             now = time.perf_counter()
             tps = tokens_per_step * steps_since_log / (now - t_log)
-            record: dict[str, Any] = dict(
+            record = dict(
                 step=done,
                 train_loss=train_loss,
                 lr=lr,
@@ -163,16 +165,16 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
                 record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
             last.update(record)
             session.emit({**record, "event": "step", "total_steps": job.total_steps})
-            if logger is not None:
+            if logger is not None and not checkpoint_due:  # a checkpoint step logs its record with the checkpoint
                 logger.log(record)
             t_log, steps_since_log = time.perf_counter(), 0
-        if done % ckpt_every == 0 and not is_last:
+        if checkpoint_due:
             state = {"step": done, "metrics": dict(last), "experiment": job.experiment, "variant": job.variant, "seed": job.seed}
             where = session.checkpoint(
                 lambda folder, state=state: write_state(folder, raw, optimizer, state), {**last, "step": done}
             )
             if logger is not None:
-                logger.checkpoint(done, last, where)
+                logger.checkpoint(done, record, where)
             t_log = time.perf_counter()  # checkpoint time is not training throughput
     save_final(Path(job.run_dir) / "final", raw, spec.model)  # raw: FSDP2 shards it in place
     if logger is not None:

@@ -1,0 +1,172 @@
+"""MLflow tracking with a real SQLite store: run hierarchy, params, metric histories, checkpoints
+as logged models, the final pyfunc model (loaded in a fresh process, served by MLflow's own model
+server), registration with alias ``best``, and clear errors for bad model URIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from gpt2exp.launch.plan import make_plan
+from gpt2exp.launch.runner import run_plan
+from gpt2exp.spec import validate_spec
+from gpt2exp.training.checkpoint import load_final
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(corpus: Path, **tracking: object) -> dict:
+    return {
+        "name": "trk",
+        "data": {"path": str(corpus)},
+        "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
+        "train": {"max_steps": 8, "batch_size": 4, "lr": 2e-2, "eval_interval": 4, "eval_batches": 2, "log_interval": 2},
+        "variants": [{"name": "mha", "set": {}}, {"name": "mqa", "set": {"model.n_kv_head": 1}}],
+        "tracking": {"system_metrics": False, **tracking},
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare_200k.txt"
+    path.write_bytes(corpus_path.read_bytes()[:200_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def tracked(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, MlflowClient]:
+    """A real run into the default store: <output>/mlflow.db, with registration."""
+    out = tmp_path_factory.mktemp("out")
+    plan = make_plan(validate_spec(tiny(corpus, register="trk-best")), out, show_progress=False)
+    results = run_plan(plan, "local", show_progress=False)
+    assert set(results.status) == {"completed"}, results.error.tolist()
+    return plan, MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+
+
+def children(plan: object, client: MlflowClient) -> dict[str, object]:
+    exp = client.get_experiment_by_name("trk")
+    return {r.data.tags["gpt2exp.variant"]: r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+
+
+def test_parent_and_one_child_per_variant_with_params(tracked: tuple[object, MlflowClient]) -> None:
+    plan, client = tracked
+    exp = client.get_experiment_by_name("trk")
+    assert exp.artifact_location == (plan.output / "mlartifacts").as_uri()
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["gpt2exp.experiment"] == "trk" and parents[0].info.status == "FINISHED"
+    kids = children(plan, client)
+    assert set(kids) == {"mha", "mqa"}
+    for name, run in kids.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id and run.data.tags["gpt2exp.seed"] == "1337"
+        assert run.data.params["model.n_kv_head"] == ("2" if name == "mha" else "1")
+        assert run.data.params["train.max_steps"] == "8" and int(run.data.params["n_params"]) > 1_600_000
+        assert run.info.status == "FINISHED" and run.inputs.dataset_inputs
+        assert "spec.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_metric_histories_match_the_run_records(tracked: tuple[object, MlflowClient]) -> None:
+    plan, client = tracked
+    run = children(plan, client)["mha"]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert sorted(history) == [2, 4, 6, 8]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [4, 8]
+    records = pd.read_json(Path(plan.jobs[0].run_dir) / "metrics.jsonl", lines=True).query("event == 'step'")
+    assert records.train_loss.round(5).tolist() == [round(history[s], 5) for s in records.step]
+    status = json.loads((Path(plan.jobs[0].run_dir) / "status.json").read_text())
+    assert run.data.metrics["val_loss"] == pytest.approx(status["val_loss"])
+
+
+def test_checkpoints_are_logged_models_findable_by_val_loss(tracked: tuple[object, MlflowClient]) -> None:
+    _, client = tracked
+    exp = client.get_experiment_by_name("trk")
+    checkpoints = client.search_logged_models([exp.experiment_id], filter_string="model_type = 'checkpoint'", order_by=[{"field_name": "metrics.val_loss"}])
+    assert len(checkpoints) == 2  # one mid-run checkpoint (step 4) per variant; the end writes the final model
+    best = checkpoints[0]
+    assert best.tags["gpt2exp.step"] == "4" and Path(best.tags["gpt2exp.checkpoint"]).is_dir()
+    assert {m.key for m in best.metrics} >= {"val_loss", "train_loss"}
+
+
+def test_logged_model_loads_in_a_fresh_process_with_the_same_logits(tracked: tuple[object, MlflowClient], tmp_path: Path) -> None:
+    plan, client = tracked
+    run = children(plan, client)["mqa"]
+    model = load_final(Path(plan.jobs[1].run_dir) / "final").eval()
+    idx = torch.arange(20)[None] * 7
+    expected = model(idx)[0]
+    script = (
+        "import sys, torch, mlflow; mlflow.set_tracking_uri(sys.argv[1]);"
+        "from gpt2exp.tracking.pyfunc import load_model; m, _ = load_model(sys.argv[2]);"
+        "torch.save(m.eval()(torch.arange(20)[None] * 7)[0].detach(), sys.argv[3])"
+    )
+    out = tmp_path / "logits.pt"
+    env = os.environ | {"PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", script, client.tracking_uri, f"runs:/{run.info.run_id}/model", str(out)], check=True, cwd=tmp_path, env=env, timeout=120)
+    torch.testing.assert_close(torch.load(out, weights_only=True), expected.detach(), rtol=0, atol=0)
+
+
+def test_pyfunc_generates_text_and_the_registered_best_resolves(tracked: tuple[object, MlflowClient]) -> None:
+    plan, client = tracked
+    mlflow.set_tracking_uri(client.tracking_uri)
+    kids = children(plan, client)
+    best_variant = min(kids, key=lambda v: kids[v].data.metrics["val_loss"])
+    version = client.get_model_version_by_alias("trk-best", "best")
+    assert version.run_id == kids[best_variant].info.run_id
+    pyfunc = mlflow.pyfunc.load_model("models:/trk-best@best")
+    out = pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:", "To be"]}), params={"max_new_tokens": 6, "temperature": 0.0})
+    assert len(out) == 2 and all(isinstance(t, str) and t for t in out)
+    again = pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 6, "temperature": 0.0})
+    assert again[0] == out[0]  # greedy is deterministic
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_model_server_answers_invocations(tracked: tuple[object, MlflowClient], tmp_path: Path) -> None:
+    plan, client = tracked
+    run = children(plan, client)["mha"]
+    port = _free_port()
+    env = os.environ | {"MLFLOW_TRACKING_URI": client.tracking_uri}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [["ROMEO:"]]}, "params": {"max_new_tokens": 5, "temperature": 0.0}}).encode()
+        deadline, answer = time.monotonic() + 90, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, "the model server never answered"
+        assert isinstance(answer["predictions"][0], str) and answer["predictions"][0]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [("runs:/0123456789abcdef/model", "not found"), ("/no/such/folder", "neither a model folder nor an MLflow model URI"), ("models:/nope@best", "nope")],
+)
+def test_bad_model_uris_are_one_clear_line(tracked: tuple[object, MlflowClient], uri: str, expected: str) -> None:
+    plan, _ = tracked
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt2exp.cli", "generate", "--model-uri", uri, "--output", str(plan.output), "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
