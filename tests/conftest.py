@@ -22,3 +22,30 @@ def corpus_path(shared_dir: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"no corpus at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def corpus_head(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``corpus_head(n)`` -> a file holding the first n bytes of the corpus (tokenizing stays quick)."""
+    folder = tmp_path_factory.mktemp("corpus")
+
+    def make(n_bytes: int) -> Path:
+        path = folder / f"shakespeare_{n_bytes}.txt"
+        if not path.exists():
+            path.write_bytes(corpus_path.read_bytes()[:n_bytes])
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token caches of the whole session in one temporary folder, not the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("tokens")
+    old = os.environ.get("GPT2EXP_CACHE")
+    os.environ["GPT2EXP_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        del os.environ["GPT2EXP_CACHE"]
+    else:
+        os.environ["GPT2EXP_CACHE"] = old

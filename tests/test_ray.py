@@ -59,10 +59,8 @@ def ray_cluster() -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare_300k.txt"
-    path.write_bytes(corpus_path.read_bytes()[:300_000])
-    return path
+def corpus(corpus_head) -> Path:
+    return corpus_head(300_000)
 
 
 def spec_for(corpus: Path, **train: object) -> dict:

@@ -39,10 +39,8 @@ def tiny(corpus: Path, **tracking: object) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare_200k.txt"
-    path.write_bytes(corpus_path.read_bytes()[:200_000])
-    return path
+def corpus(corpus_head) -> Path:
+    return corpus_head(200_000)
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,8 @@ def tiny_spec(corpus: Path, **sections: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small_corpus(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 400 KB of Shakespeare (about 120k tokens), as its own file so tokenizing is quick."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare_400k.txt"
-    path.write_bytes(corpus_path.read_bytes()[:400_000])
-    return path
+def small_corpus(corpus_head) -> Path:
+    return corpus_head(400_000)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,211 @@
+"""``gpt2exp ui``: a real ``mlflow server`` over a real experiment's store (parent run, two child runs, a PNG
+under ``report/`` on the parent), checked through the REST API and in headless Chromium (Debian's
+``chromium``: the browser tests skip without it), and a clean stop on SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gpt2exp.launch.plan import make_plan
+from gpt2exp.launch.runner import run_plan
+from gpt2exp.spec import validate_spec
+from gpt2exp.tracking.ui import UIError, dump_dom, find_chromium, free_port, mlflow_server, port_is_free, screenshot, serve_ui
+
+pytestmark = pytest.mark.slow
+
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None, reason="no chromium on PATH (Debian: apt-get install --no-install-recommends chromium; see .ci/run)"
+)
+
+RAW = {
+    "name": "uitest",
+    "data": {"path": "CORPUS"},
+    "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
+    "train": {"max_steps": 4, "batch_size": 4, "eval_interval": 2, "eval_batches": 1, "log_interval": 2},
+    "variants": [{"name": "a", "set": {}}, {"name": "b", "set": {"model.n_kv_head": 1}}],
+    "tracking": {"system_metrics": False},
+}
+CHILDREN = {"a/seed=1337", "b/seed=1337"}
+PLOT = "report/val_loss.png"
+
+
+@pytest.fixture(scope="module")
+def store(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny real experiment (two variants) in ``<out>/mlflow.db``, plus a plot under ``report/`` on the parent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("ui")
+    corpus = root / "corpus.txt"
+    corpus.write_bytes(corpus_path.read_bytes()[:200_000])
+    out = root / "out"
+    raw = json.loads(json.dumps(RAW).replace('"CORPUS"', json.dumps(str(corpus))))
+    results = run_plan(make_plan(validate_spec(raw), out, show_progress=False), "local", show_progress=False)
+    assert set(results.status) == {"completed"}
+
+    uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("uitest")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for r in runs:
+        if history := client.get_metric_history(r.info.run_id, "val_loss"):
+            ax.plot([m.step for m in history], [m.value for m in history], marker="o", label=r.info.run_name)
+    ax.set(xlabel="step", ylabel="val loss", title="uitest")
+    ax.legend()
+    client.log_figure(parent.info.run_id, fig, PLOT)
+    plt.close(fig)
+    return {"out": out, "uri": uri, "experiment_id": exp.experiment_id, "parent_id": parent.info.run_id}
+
+
+@pytest.fixture(scope="module")
+def server(store: dict) -> str:
+    with mlflow_server(store["uri"], store["out"] / "mlartifacts") as url:
+        yield url
+
+
+def get_json(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_rest_api_shows_parent_children_and_report(server: str, store: dict) -> None:
+    runs = get_json(f"{server}/api/2.0/mlflow/runs/search", {"experiment_ids": [store["experiment_id"]]})["runs"]
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    assert set(by_name) == {"uitest"} | CHILDREN
+    parent = by_name["uitest"]
+    assert parent["info"]["run_id"] == store["parent_id"]
+    tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+    assert "mlflow.parentRunId" not in tags(parent)
+    for name in CHILDREN:
+        assert tags(by_name[name])["mlflow.parentRunId"] == store["parent_id"]
+        assert by_name[name]["info"]["status"] == "FINISHED"
+        assert any(m["key"] == "val_loss" for m in by_name[name]["data"]["metrics"])
+
+    q = urllib.parse.urlencode({"run_id": store["parent_id"], "path": "report"})
+    files = get_json(f"{server}/api/2.0/mlflow/artifacts/list?{q}")["files"]
+    assert [f["path"] for f in files] == [PLOT]
+    q = urllib.parse.urlencode({"run_uuid": store["parent_id"], "path": PLOT})
+    with urllib.request.urlopen(f"{server}/get-artifact?{q}", timeout=30) as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_server_is_local_only_and_port_checked(server: str, store: dict) -> None:
+    req = urllib.request.Request(
+        f"{server}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": "evil.example.com"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code in (400, 403)
+    port = int(server.rsplit(":", 1)[1])
+    assert not port_is_free("127.0.0.1", port)
+    with pytest.raises(UIError, match=f"port {port} on 127.0.0.1 is already in use"):
+        serve_ui(store["uri"], None, port=port)
+
+
+def test_bad_store_uris_fail_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UIError, match="no MLflow store at"):
+        serve_ui(f"sqlite:///{tmp_path / 'missing.db'}", None, port=free_port())
+    with pytest.raises(UIError, match="already a tracking server"):
+        serve_ui("http://127.0.0.1:5000", None, port=free_port())
+
+
+@needs_chromium
+def test_browser_experiment_page_shows_runs(server: str, store: dict, tmp_path: Path) -> None:
+    url = f"{server}/#/experiments/{store['experiment_id']}"
+    dom = dump_dom(url)
+    assert "uitest" in dom  # the experiment (and parent run) name
+    missing = [name for name in CHILDREN if name not in dom]
+    assert not missing, f"child runs not rendered: {missing}"
+    shot = screenshot(url, tmp_path / "experiment.png")
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+@needs_chromium
+def test_browser_parent_run_shows_report_plot(server: str, store: dict, tmp_path: Path) -> None:
+    url = f"{server}/#/experiments/{store['experiment_id']}/runs/{store['parent_id']}/artifacts/{PLOT}"
+    dom = dump_dom(url)
+    assert "report" in dom and "val_loss.png" in dom
+    assert "<img" in dom and "get-artifact" in dom, "the PNG preview was not rendered"
+    shot = screenshot(url, tmp_path / "artifacts.png")
+    assert shot.stat().st_size > 20_000
+
+
+def _read_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
+    """The first stdout line starting with ``prefix`` (fails with what was printed if none comes)."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sel.select(timeout=0.5):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith(prefix):
+                return line
+    proc.kill()
+    raise AssertionError(f"no {prefix!r} line within {timeout} s; output: {''.join(seen)}{proc.stderr.read()}")
+
+
+def test_serve_ui_stops_cleanly_on_sigint(store: dict) -> None:
+    import psutil
+
+    port = free_port()
+    code = (
+        "import sys; from pathlib import Path; from gpt2exp.tracking.ui import serve_ui; "
+        f"sys.exit(serve_ui({store['uri']!r}, Path({str(store['out'] / 'mlartifacts')!r}), port={port}))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = _read_line(proc, "MLflow UI: ", 120)
+        assert f"http://127.0.0.1:{port}" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+        server_procs = psutil.Process(proc.pid).children(recursive=True)
+        assert server_procs, "no server process under serve_ui"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)
+    left = [p for p in server_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"server processes left: {[(p.pid, p.cmdline()) for p in left]}"
+    assert port_is_free("127.0.0.1", port)
+
+
+def test_cli_ui_without_store_fails_in_one_line(tmp_path: Path) -> None:
+    from gpt2exp.cli import app
+
+    if "ui" not in {c.name or c.callback.__name__ for c in app.registered_commands}:
+        pytest.skip("`gpt2exp ui` is not wired into gpt2exp/cli.py yet")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run(
+        [sys.executable, "-m", "gpt2exp.cli", "ui", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "no MLflow store at" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
