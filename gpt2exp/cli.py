@@ -111,6 +111,58 @@ def run(
         raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")
 
 
+@app.command()
+def compare(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment (the spec's name), or the spec YAML.", show_default=False)],
+    output: Annotated[Path, typer.Option(help="The --output folder of `gpt2exp run` (holds mlflow.db).")] = Path("outputs"),
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI, else OUTPUT/mlflow.db).")
+    ] = None,
+    format_: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")] = "table",
+    metric: Annotated[str, typer.Option(help="Metric compared (final and best value).")] = "val_loss",
+    baseline: Annotated[
+        str | None, typer.Option(help="Variant compared to (default: the spec's baseline, else the first).")
+    ] = None,
+    run_id: Annotated[str | None, typer.Option(help="Parent run (default: the experiment's latest).")] = None,
+    include_unfinished: Annotated[bool, typer.Option(help="Also use runs that failed, were killed or still run.")] = False,
+    report: Annotated[
+        bool, typer.Option(help="Also write report.md/.html/.png under OUTPUT/EXPERIMENT/report and log them on the parent run.")
+    ] = False,
+) -> None:
+    """Compare the variants of an experiment from MLflow: one row per variant, mean ± 95% CI over seeds."""
+    from gpt2exp.report import FORMATS, ReportError, default_tracking_uri, load_runs, render, rich_table, write_report
+    from gpt2exp.report import comparison_table as make_table
+    from gpt2exp.report.compare import notes
+
+    if format_ not in FORMATS:
+        raise fail(f"--format {format_!r}: use one of {', '.join(FORMATS)}", 2)
+    name, folder = experiment, output / experiment
+    if experiment.endswith((".yaml", ".yml")) and Path(experiment).is_file():
+        from gpt2exp.tracking.runs import tracking_uri as spec_tracking_uri
+
+        spec = read_spec(Path(experiment), None)
+        name, folder = spec.tracking.experiment_name or spec.name, output / spec.name
+        tracking_uri = tracking_uri or spec_tracking_uri(spec, output)
+    uri = tracking_uri or default_tracking_uri(output)
+    try:
+        table = make_table(load_runs(uri, name, run_id), metric, baseline, finished_only=not include_unfinished)
+        paths = (
+            write_report(uri, name, folder, metric, parent_run_id=table.attrs["parent_run_id"], baseline=baseline)
+            if report
+            else None
+        )
+    except ReportError as e:
+        raise fail(str(e)) from None
+    if format_ == "table":
+        console.print(rich_table(table))
+        for line in notes(table):
+            console.print(line, style="dim", highlight=False, markup=False)
+    else:
+        sys.stdout.write(render(table, format_))
+    if paths:
+        (console if format_ == "table" else err_console).print(f"report: {paths['html']}", highlight=False)  # csv/json stay clean
+
+
 def print_results(results) -> None:
     """The final table: one row per run."""
     table = Table(title="results")

@@ -6,6 +6,7 @@ ones resume from their last checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import traceback
@@ -127,7 +128,29 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
         results = write_results(plan)
         if tracker is not None:
             finish_tracking(plan, tracker, results, console or Console())
+    if tracker is not None and int(os.environ.get("RANK", 0)) == 0:
+        write_run_report(plan, tracker, console)
     return results
+
+
+def write_run_report(plan: Plan, tracker: ExperimentTracker, console: Console | None) -> None:
+    """The comparison report (<out_dir>/report/report.md/.html/.png, logged on the parent run); a report
+    that cannot be made is a warning: the training results stand."""
+    from gpt2exp.report import write_report
+
+    out = console or Console(stderr=True)
+    try:
+        paths = write_report(
+            tracker.uri,
+            plan.spec.tracking.experiment_name or plan.spec.name,
+            plan.out_dir,
+            parent_run_id=tracker.parent_id,
+            baseline=plan.spec.baseline,
+        )
+    except Exception as e:  # e.g. ReportError: every run failed, or none reached an evaluation
+        out.print(f"[yellow]no comparison report:[/] {type(e).__name__}: {e}", highlight=False)
+        return
+    out.print(f"report: {paths['html']}", highlight=False)
 
 
 def finish_tracking(plan: Plan, tracker: ExperimentTracker, results: pd.DataFrame, console: Console) -> None:

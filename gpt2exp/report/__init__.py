@@ -1,0 +1,27 @@
+"""Reports: compare the variants of an experiment from its MLflow runs (tables, plots, HTML/Markdown)."""
+
+from gpt2exp.report.compare import (
+    FORMATS,
+    ReportError,
+    Runs,
+    compare,
+    comparison_table,
+    default_tracking_uri,
+    load_runs,
+    render,
+    rich_table,
+    write_report,
+)
+
+__all__ = [
+    "FORMATS",
+    "ReportError",
+    "Runs",
+    "compare",
+    "comparison_table",
+    "default_tracking_uri",
+    "load_runs",
+    "render",
+    "rich_table",
+    "write_report",
+]

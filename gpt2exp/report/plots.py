@@ -1,0 +1,99 @@
+"""The report's figure: a metric against tokens seen and against training time, one line per
+variant (mean over seeds, shaded min–max band with several seeds), train loss faint and dashed.
+
+Drawn with matplotlib's object API on an Agg canvas: no pyplot, no global backend change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter
+
+from gpt2exp.report.compare import Runs
+
+
+def variant_curves(runs: Runs, metric: str, finished_only: bool = True) -> pd.DataFrame:
+    """``variant, seed, step, value, tokens, elapsed_s``: every logged point of ``metric``."""
+    frame = runs.frame[runs.frame.status == "FINISHED"] if finished_only else runs.frame
+    parts = [runs.curve(r.run_id, metric).assign(variant=r.variant, seed=r.seed) for r in frame.itertuples()]
+    parts = [p for p in parts if not p.empty]
+    columns = ["variant", "seed", "step", "value", "tokens", "elapsed_s"]
+    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
+
+
+def _mean_by_step(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per step: mean x (tokens, elapsed), mean/min/max value and how many seeds reached it."""
+    return (
+        curves.groupby("step")
+        .agg(
+            tokens=("tokens", "mean"),
+            elapsed_s=("elapsed_s", "mean"),
+            mean=("value", "mean"),
+            lo=("value", "min"),
+            hi=("value", "max"),
+            n=("value", "size"),
+        )
+        .reset_index()
+    )
+
+
+def plot_curves(
+    runs: Runs,
+    metric: str,
+    path: str | Path,
+    variants: list[str] | None = None,
+    train_loss: bool = True,
+    finished_only: bool = True,
+) -> Path:
+    """Write the two-panel PNG to ``path`` (metric vs tokens seen, metric vs training seconds)."""
+    path = Path(path)
+    curves = variant_curves(runs, metric, finished_only)
+    train = variant_curves(runs, "train_loss", finished_only) if train_loss and metric == "val_loss" else None
+    variants = [v for v in (variants or runs.variants) if v in set(curves.variant)]
+
+    fig = Figure(figsize=(12, 4.8), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    by_tokens, by_time = fig.subplots(1, 2, sharey=True)
+    colors = [f"C{i % 10}" for i in range(len(variants))]
+    lows, highs = [], []
+    for name, color in zip(variants, colors, strict=True):
+        mine = curves[curves.variant == name]
+        agg = _mean_by_step(mine)
+        seeds = mine.seed.nunique()
+        label = f"{name} ({seeds} seeds)" if seeds > 1 else name
+        lows.append(agg.lo.min())
+        highs.append(agg.hi.max())
+        for ax, x in ((by_tokens, "tokens"), (by_time, "elapsed_s")):
+            ax.plot(agg[x], agg["mean"], color=color, lw=2, marker="o", ms=3.5, label=label)
+            if seeds > 1:
+                ax.fill_between(agg[x], agg.lo, agg.hi, color=color, alpha=0.18, lw=0)
+            if train is not None and not train.empty:
+                t = _mean_by_step(train[train.variant == name])
+                ax.plot(t[x], t["mean"], color=color, lw=1, ls="--", alpha=0.45)
+
+    label = metric.replace("_", " ")
+    by_tokens.set_xlabel("tokens seen")
+    by_tokens.xaxis.set_major_formatter(EngFormatter(sep=""))
+    by_tokens.set_ylabel(label)
+    by_time.set_xlabel("training time (s)")
+    for ax in (by_tokens, by_time):
+        ax.grid(True, alpha=0.3)
+        ax.set_xlim(left=0)
+    if lows and highs:  # frame the metric; early train-loss values may fall outside
+        low, high = min(lows), max(highs)
+        pad = 0.06 * (high - low or abs(high) or 1.0)
+        by_tokens.set_ylim(low - pad, high + pad)
+    handles, labels = by_tokens.get_legend_handles_labels()
+    if train is not None and not train.empty:
+        handles.append(Line2D([], [], color="grey", lw=1, ls="--", alpha=0.6))
+        labels.append("train loss (dashed)")
+    by_time.legend(handles, labels, loc="upper right", frameon=True, fontsize=9)
+    band = " · band: min–max over seeds" if any(curves.groupby("variant").seed.nunique() > 1) else ""
+    fig.suptitle(f"{runs.experiment}: {label} by variant (mean over seeds{band})", fontsize=12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

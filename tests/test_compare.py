@@ -1,0 +1,245 @@
+"""``gpt2exp.report``: the comparison table, its formats and the report, against a real MLflow store
+filled by a tiny real experiment (two variants x three seeds); expected numbers are recomputed here
+from MlflowClient and numpy/statistics."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from rich.console import Console
+
+from gpt2exp.launch.plan import make_plan, read_status
+from gpt2exp.launch.runner import run_plan
+from gpt2exp.report import ReportError, comparison_table, load_runs, render, rich_table, write_report
+from gpt2exp.report.compare import T975, mean_ci, per_run, t_quantile, verdict
+from gpt2exp.spec import validate_spec
+from gpt2exp.tracking.runs import tracking_uri
+
+T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (3 seeds)
+SEEDS = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def experiment(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the tiny experiment once; return its store URI, parent run id, plan and client."""
+    tmp = tmp_path_factory.mktemp("cmp")
+    corpus = tmp / "corpus.txt"
+    corpus.write_bytes(corpus_path.read_bytes()[:200_000])
+    raw = {
+        "name": "cmp",
+        "data": {"path": str(corpus), "cache_dir": str(tmp / "tokens")},
+        "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
+        "train": {
+            "max_steps": 8,
+            "batch_size": 4,
+            "lr": 2e-2,
+            "eval_interval": 4,
+            "eval_batches": 2,
+            "log_interval": 2,
+            "seeds": SEEDS,
+        },
+        "variants": [{"name": "mha", "set": {}}, {"name": "mqa", "set": {"model.n_kv_head": 1}}],
+        "tracking": {"system_metrics": False},
+    }
+    spec = validate_spec(raw)
+    out = tmp / "out"
+    plan = make_plan(spec, out, show_progress=False)
+    results = run_plan(plan, "local", show_progress=False)
+    assert set(results.status) == {"completed"}, results
+    uri = tracking_uri(spec, out)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cmp")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    return {"uri": uri, "parent": parents[0].info.run_id, "plan": plan, "client": client, "children": children, "tmp": tmp}
+
+
+def expected_finals(experiment: dict, metric: str = "val_loss") -> dict[str, dict[int, tuple[float, float]]]:
+    """variant -> seed -> (final, best) straight from get_metric_history: final = value at the last step."""
+    out: dict[str, dict[int, tuple[float, float]]] = {}
+    for run in experiment["children"]:
+        history = experiment["client"].get_metric_history(run.info.run_id, metric)
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        out.setdefault(run.data.tags["gpt2exp.variant"], {})[int(run.data.tags["gpt2exp.seed"])] = (
+            last.value,
+            min(m.value for m in history),
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def table(experiment: dict) -> pd.DataFrame:
+    return comparison_table(load_runs(experiment["uri"], "cmp"))
+
+
+def test_one_row_per_variant_in_spec_order(experiment: dict, table: pd.DataFrame) -> None:
+    assert list(table.variant) == ["mha", "mqa"]
+    assert list(table.n_seeds) == [3, 3]
+    params = {r.data.tags["gpt2exp.variant"]: int(r.data.params["n_params"]) for r in experiment["children"]}
+    assert list(table.params) == [params["mha"], params["mqa"]] and params["mha"] > params["mqa"]
+    assert list(table.tokens) == [8 * 4 * 32] * 2  # steps x batch x block
+    assert table.attrs["parent_run_id"] == experiment["parent"] and table.attrs["baseline"] == "mha"
+
+
+def test_final_and_best_are_the_metric_history_values(experiment: dict, table: pd.DataFrame) -> None:
+    expected = expected_finals(experiment)
+    runs = per_run(load_runs(experiment["uri"], "cmp"))
+    for r in runs.itertuples():
+        assert (r.final_val_loss, r.best_val_loss) == expected[r.variant][r.seed]
+        assert r.perplexity == pytest.approx(math.exp(expected[r.variant][r.seed][0]), rel=1e-12)
+    for row in table.itertuples():
+        finals = [expected[row.variant][s][0] for s in SEEDS]
+        bests = [expected[row.variant][s][1] for s in SEEDS]
+        assert row.final_val_loss == pytest.approx(np.mean(finals), rel=1e-12)
+        assert row.best_val_loss == pytest.approx(np.mean(bests), rel=1e-12)
+        assert row.best_val_loss <= row.final_val_loss + 1e-12
+
+
+def test_other_metric_and_best_direction(experiment: dict) -> None:
+    """train_loss: lower is better (min); tokens_per_sec: higher is better (max)."""
+    runs = load_runs(experiment["uri"], "cmp")
+    train = comparison_table(runs, "train_loss")
+    exp_train = expected_finals(experiment, "train_loss")
+    assert train.best_train_loss[0] == pytest.approx(np.mean([exp_train["mha"][s][1] for s in SEEDS]), rel=1e-12)
+    tps = per_run(runs, "tokens_per_sec")
+    for r in tps.itertuples():
+        history = experiment["client"].get_metric_history(r.run_id, "tokens_per_sec")
+        assert r.best_tokens_per_sec == max(m.value for m in history)
+
+
+def test_mean_ci_and_paired_difference_arithmetic(experiment: dict, table: pd.DataFrame) -> None:
+    expected = expected_finals(experiment)
+    for row in table.itertuples():
+        finals = [expected[row.variant][s][0] for s in SEEDS]
+        ci = T_975_DF2 * statistics.stdev(finals) / math.sqrt(3)
+        assert row.final_val_loss_ci95 == pytest.approx(ci, rel=1e-9)
+        assert row.final_val_loss_ci95 == pytest.approx(T_975_DF2 * np.std(finals, ddof=1) / np.sqrt(3), rel=1e-9)
+    diffs = np.array([expected["mqa"][s][0] - expected["mha"][s][0] for s in SEEDS])
+    mqa = table.set_index("variant").loc["mqa"]
+    assert mqa.delta == pytest.approx(diffs.mean(), rel=1e-9, abs=1e-12)
+    half = T_975_DF2 * diffs.std(ddof=1) / np.sqrt(3)
+    assert mqa.delta_ci95 == pytest.approx(half, rel=1e-9)
+    assert mqa.n_paired == 3
+    lo, hi = diffs.mean() - half, diffs.mean() + half
+    assert mqa.verdict == ("worse" if lo > 0 else "better" if hi < 0 else "no clear difference")
+
+
+def test_baseline_row_and_verdict_column(experiment: dict, table: pd.DataFrame) -> None:
+    base = table.set_index("variant").loc["mha"]
+    assert base.delta == 0 and base.verdict == "baseline"
+    assert "verdict" in table.columns and set(table.verdict) <= {"baseline", "better", "worse", "no clear difference"}
+    flipped = comparison_table(load_runs(experiment["uri"], "cmp"), baseline="mqa").set_index("variant")
+    assert flipped.loc["mqa"].delta == 0 and flipped.loc["mqa"].verdict == "baseline"
+    assert flipped.loc["mha"].delta == pytest.approx(-table.set_index("variant").loc["mqa"].delta, rel=1e-9)
+    assert flipped.loc["mha"].delta_ci95 == pytest.approx(table.set_index("variant").loc["mqa"].delta_ci95, rel=1e-9)
+
+
+def test_single_seed_has_no_intervals(experiment: dict) -> None:
+    runs = load_runs(experiment["uri"], "cmp")
+    one = comparison_table(replace(runs, frame=runs.frame[runs.frame.seed == 2]))
+    assert list(one.n_seeds) == [1, 1]
+    assert "verdict" not in one.columns and not any(c.endswith("_ci95") for c in one.columns)
+    expected = expected_finals(experiment)
+    assert one.delta[1] == pytest.approx(expected["mqa"][2][0] - expected["mha"][2][0], rel=1e-12)
+
+
+def test_statistics_helpers() -> None:
+    assert T975[1] == pytest.approx(T_975_DF2, abs=1e-6) and t_quantile(2) == pytest.approx(T_975_DF2, abs=1e-6)
+    assert t_quantile(30) == pytest.approx(2.0422724563012373, abs=1e-6)
+    assert t_quantile(200) == pytest.approx(1.971896739, abs=1e-4)
+    mean, half, n = mean_ci([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(T_975_DF2 / math.sqrt(3))
+    assert math.isnan(mean_ci([5.0])[1])
+    assert (
+        verdict(-0.1, 0.05, 3) == "better"
+        and verdict(0.1, 0.05, 3) == "worse"
+        and verdict(0.01, 0.05, 3) == "no clear difference"
+    )
+    assert verdict(-0.1, 0.05, 3, lower_better=False) == "worse" and verdict(-0.1, math.nan, 1) == "too few seeds"
+
+
+def test_wall_time_from_metric_timestamps(experiment: dict) -> None:
+    """Training time per run: positive, within the run's MLflow lifetime and not above the time
+    the driver measured around the whole job (status.json)."""
+    runs = per_run(load_runs(experiment["uri"], "cmp"))
+    status = {(j.variant, j.seed): read_status(j)["wall_s"] for j in experiment["plan"].jobs}
+    lifetimes = {r.info.run_id: (r.info.end_time - r.info.start_time) / 1000 for r in experiment["children"]}
+    for r in runs.itertuples():
+        assert 0 < r.wall_s <= lifetimes[r.run_id]
+        assert r.wall_s <= status[(r.variant, r.seed)] + 0.5
+
+
+def test_csv_json_markdown_parse_back(table: pd.DataFrame) -> None:
+    numeric = [c for c in table.columns if c not in ("variant", "verdict")]
+    back = pd.read_csv(io.StringIO(render(table, "csv")))
+    assert list(back.columns) == list(table.columns) and list(back.variant) == list(table.variant)
+    np.testing.assert_allclose(back[numeric].to_numpy(float), table[numeric].to_numpy(float), rtol=1e-14, equal_nan=True)
+    assert list(back.verdict) == list(table.verdict)
+
+    data = json.loads(render(table, "json"))
+    assert data["metric"] == "val_loss" and data["baseline"] == "mha"
+    rows = pd.DataFrame(data["rows"])
+    assert list(rows.columns) == list(table.columns)
+    np.testing.assert_array_equal(rows[numeric].to_numpy(float), table[numeric].to_numpy(float))
+
+    lines = [line for line in render(table, "markdown").splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [row[0] for row in cells] == ["mha", "mqa"] and header[-1] == "verdict"
+    col = header.index("final val_loss")
+    for row, (_, expected) in zip(cells, table.iterrows(), strict=True):
+        mean, half = (float(x) for x in row[col].split("±"))
+        assert mean == pytest.approx(expected.final_val_loss, abs=5e-5)
+        assert half == pytest.approx(expected.final_val_loss_ci95, abs=5e-5)
+        assert int(row[header.index("params")].replace(",", "")) == expected.params
+        assert row[-1] == expected.verdict
+
+
+def test_rich_table_renders(table: pd.DataFrame) -> None:
+    console = Console(record=True, width=220)
+    console.print(rich_table(table))
+    text = console.export_text()
+    assert "mha" in text and "mqa" in text and "±" in text and "baseline" in text
+
+
+def test_report_files_logged_on_parent_run(experiment: dict) -> None:
+    out = experiment["tmp"] / "report_out"
+    paths = write_report(experiment["uri"], "cmp", out)
+    assert set(paths) == {"markdown", "html", "plot"} and all(p.parent == out / "report" for p in paths.values())
+    assert paths["plot"].name == "val_loss.png" and paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = paths["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page and "data:image/png;base64," in page and "mqa" in page
+    md = paths["markdown"].read_text()
+    assert "| variant |" in md and "![val_loss curves](val_loss.png)" in md
+    logged = {Path(a.path).name for a in experiment["client"].list_artifacts(experiment["parent"], "report")}
+    assert logged == {"report.md", "report.html", "val_loss.png"}
+
+
+def test_errors(experiment: dict, tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match=r"no experiment 'nope'.*known: .*cmp"):
+        load_runs(experiment["uri"], "nope")
+    runs = load_runs(experiment["uri"], "cmp")
+    with pytest.raises(ReportError, match=r"no run logged metric 'val_acc'; available: .*val_loss"):
+        comparison_table(runs, "val_acc")
+    with pytest.raises(ReportError, match=r"baseline 'gqa' is not a variant.*mha, mqa"):
+        comparison_table(runs, baseline="gqa")
+    missing = tmp_path / "none" / "mlflow.db"
+    with pytest.raises(ReportError, match="no MLflow store"):
+        load_runs(f"sqlite:///{missing}", "cmp")
+    assert not missing.exists()
+    with pytest.raises(ReportError, match="unknown format"):
+        render(comparison_table(runs), "xlsx")
+    experiment["client"].create_experiment("empty")
+    with pytest.raises(ReportError, match="experiment 'empty' has no runs") as error:
+        load_runs(experiment["uri"], "empty")
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
