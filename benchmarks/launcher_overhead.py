@@ -50,6 +50,31 @@ def run(launcher: str, raw: dict, workdir: Path) -> tuple[float, pd.DataFrame]:
     return wall, pd.read_csv(out / raw["name"] / "results.csv")
 
 
+RAY_FLOOR = """
+import time
+t0 = time.perf_counter()
+from gpt2exp.launch.ray import ensure_ray
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+t1 = time.perf_counter()
+ensure_ray()
+t2 = time.perf_counter()
+TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+             run_config=RunConfig(name="floor", storage_path=__import__("sys").argv[1])).fit()
+t3 = time.perf_counter()
+ray.shutdown()
+print(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
+"""
+
+
+def ray_floor(workdir: Path) -> dict[str, float]:
+    """Ray's own fixed cost in a fresh process: imports, ray.init, an empty TorchTrainer.fit, shutdown."""
+    out = subprocess.run([sys.executable, "-c", RAY_FLOOR, str(workdir / "floor")], capture_output=True, text=True, check=True).stdout
+    values = [float(v) for v in out.split()[-4:]]
+    return dict(zip(["import s", "ray.init s", "empty fit s", "shutdown s"], values, strict=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", type=int, default=3, help="variants in the multi-variant experiment (<= 8)")
@@ -78,8 +103,10 @@ def main() -> None:
             "ray/local tokens/s": df["tokens_per_sec"]["ray"] / df["tokens_per_sec"]["local"],
         }
     )
+        floor = ray_floor(workdir)
     print(f"Ray launcher overhead ({args.steps} steps per variant, {os.cpu_count()} CPUs)")
     print(table.round(2).to_string())
+    print("Ray's own floor in the same session: " + ", ".join(f"{k} {v:.1f}" for k, v in floor.items()))
 
 
 if __name__ == "__main__":
