@@ -31,7 +31,14 @@ def spec(n_variants: int, steps: int, corpus: Path | None) -> dict:
         "name": f"overhead{n_variants}",
         "data": data,
         "model": {"vocab_size": 50304, "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64},
-        "train": {"max_steps": steps, "batch_size": 8, "lr": 3e-3, "eval_interval": steps, "eval_batches": 2, "checkpoint_interval": steps // 2},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "eval_interval": steps,
+            "eval_batches": 2,
+            "checkpoint_interval": steps // 2,
+        },
         "grid": {"model.n_kv_head": [4, 2, 1, 4, 2, 1, 4, 2][:n_variants]} if n_variants > 1 else {},
         "variants": [] if n_variants > 1 else [{"name": "one", "set": {}}],
     }
@@ -41,7 +48,18 @@ def run(launcher: str, raw: dict, workdir: Path) -> tuple[float, pd.DataFrame]:
     out = Path(tempfile.mkdtemp(dir=workdir))
     spec_file = out / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "gpt2exp.cli", "run", str(spec_file), "--launcher", launcher, "--output", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpt2exp.cli",
+        "run",
+        str(spec_file),
+        "--launcher",
+        launcher,
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"GPT2EXP_CACHE": str(workdir / "tokens")})
     wall = time.perf_counter() - t0
@@ -70,7 +88,9 @@ print(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
 
 def ray_floor(workdir: Path) -> dict[str, float]:
     """Ray's own fixed cost in a fresh process: imports, ray.init, an empty TorchTrainer.fit, shutdown."""
-    out = subprocess.run([sys.executable, "-c", RAY_FLOOR, str(workdir / "floor")], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", RAY_FLOOR, str(workdir / "floor")], capture_output=True, text=True, check=True
+    ).stdout
     values = [float(v) for v in out.split()[-4:]]
     return dict(zip(["import s", "ray.init s", "empty fit s", "shutdown s"], values, strict=True))
 
@@ -91,8 +111,17 @@ def main() -> None:
             for r in range(args.rounds):
                 for launcher in ("local", "ray"):
                     wall, results = run(launcher, raw, workdir)
-                    rows.append({"variants": n, "launcher": launcher, "round": r, "wall_s": wall, "tokens_per_sec": results.tokens_per_sec.mean()})
+                    rows.append(
+                        {
+                            "variants": n,
+                            "launcher": launcher,
+                            "round": r,
+                            "wall_s": wall,
+                            "tokens_per_sec": results.tokens_per_sec.mean(),
+                        }
+                    )
                     print(f"  {n} variant(s), {launcher:5s}: {wall:6.1f} s", file=sys.stderr)
+        floor = ray_floor(workdir)
     df = pd.DataFrame(rows).groupby(["variants", "launcher"]).median(numeric_only=True).drop(columns="round").unstack("launcher")
     table = pd.DataFrame(
         {
@@ -103,7 +132,6 @@ def main() -> None:
             "ray/local tokens/s": df["tokens_per_sec"]["ray"] / df["tokens_per_sec"]["local"],
         }
     )
-        floor = ray_floor(workdir)
     print(f"Ray launcher overhead ({args.steps} steps per variant, {os.cpu_count()} CPUs)")
     print(table.round(2).to_string())
     print("Ray's own floor in the same session: " + ", ".join(f"{k} {v:.1f}" for k, v in floor.items()))
