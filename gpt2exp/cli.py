@@ -302,6 +302,138 @@ def evaluate(
     )
 
 
+# ------------------------------------------------------------------------ Ray Jobs: submit, jobs
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        "-a",
+        help="The cluster's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS).",
+        show_default=False,
+    ),
+]
+JobIdArg = Annotated[str, typer.Argument(help="Submission id (`gpt2exp jobs list` shows them).", show_default=False)]
+
+
+def on_cluster(call, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201, RUF100
+    """Run a ``gpt2exp.launch.submit`` call; its SubmitError becomes a one-line error and exit code."""
+    from gpt2exp.launch.submit import SubmitError
+
+    try:
+        return call(*args, **kwargs)
+    except SubmitError as e:
+        raise fail(e.message, e.code) from None
+
+
+def note(text: str) -> None:
+    err_console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def submit(
+    spec_file: SpecArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            help="Output folder as the cluster sees it (several nodes: an absolute path on a shared filesystem). "
+            "Default: ./outputs, when the cluster runs on this machine.",
+            show_default=False,
+        ),
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's logs and exit with its final status.")] = False,
+    working_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Project folder to upload (default: the current one; .gitignore and .rayignore apply).", show_default=False
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Also leave out these paths (gitignore patterns, repeatable).")
+    ] = None,
+    autoscaling: Annotated[
+        bool, typer.Option(help="The cluster adds nodes on demand: multi-node rules apply, the resource check is skipped.")
+    ] = False,
+    submission_id: Annotated[
+        str | None, typer.Option(help="Job id (default: gpt2exp-<spec name>-<UTC time>).", show_default=False)
+    ] = None,
+) -> None:
+    """Run an experiment on a Ray cluster as a Ray Job: the project folder, the effective spec, its environment."""
+    from gpt2exp.launch.submit import submit as submit_job
+
+    read_spec(spec_file, [*(set_ or []), "parallel.launcher=ray"])  # a bad spec: FILE: field: reason lines, exit 2
+    sid = on_cluster(
+        submit_job,
+        spec_file,
+        set_,
+        address,
+        follow,
+        output,
+        working_dir=working_dir,
+        excludes=exclude or [],
+        autoscaling=autoscaling,
+        submission_id=submission_id,
+        say=note,
+    )
+    if follow:
+        console.print(f"job {sid} SUCCEEDED", highlight=False)
+    else:
+        print(sid)  # the bare id on stdout: ID=$(gpt2exp submit ...)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray Jobs on a cluster (--address or RAY_ADDRESS): list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    address: AddressOpt = None,
+    all_: Annotated[bool, typer.Option("--all", help="Also the jobs that gpt2exp did not submit.")] = False,
+) -> None:
+    """The cluster's gpt2exp jobs, oldest first."""
+    from gpt2exp.launch.submit import connect, jobs_table, list_jobs
+
+    console.print(jobs_table(on_cluster(list_jobs, on_cluster(connect, address), all_)))
+
+
+@jobs_app.command("status")
+def jobs_status(submission_id: JobIdArg, address: AddressOpt = None) -> None:
+    """A job's status, Ray's message, and where its experiment writes."""
+    from gpt2exp.launch.submit import connect, describe_job, job_details
+
+    for line in describe_job(on_cluster(job_details, on_cluster(connect, address), submission_id)):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    submission_id: JobIdArg,
+    address: AddressOpt = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream until the job ends; exit with its final status.")
+    ] = False,
+) -> None:
+    """A job's logs (driver stdout and stderr)."""
+    from gpt2exp.launch.submit import connect, follow_job, job_logs
+
+    cluster = on_cluster(connect, address)
+    if follow:
+        on_cluster(follow_job, cluster, submission_id)
+        console.print(f"job {submission_id} SUCCEEDED", highlight=False)
+    else:
+        sys.stdout.write(on_cluster(job_logs, cluster, submission_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(submission_id: JobIdArg, address: AddressOpt = None) -> None:
+    """Stop a job (its driver and Ray Train workers); finished runs and registered checkpoints stay."""
+    from gpt2exp.launch.submit import connect, stop_job
+
+    info = on_cluster(stop_job, on_cluster(connect, address), submission_id)
+    console.print(f"{submission_id}: {info.status}", highlight=False)
+
+
 def main() -> None:
     app()
 

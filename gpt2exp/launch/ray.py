@@ -116,8 +116,9 @@ def ensure_ray() -> None:
         return
     # workers' logs stay in Ray's session folder; errors come back as exceptions, metrics through the bus
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs |= {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address or address.startswith(("http://", "https://")):  # a dashboard address is for `gpt2exp jobs`
+        kwargs |= {"address": "local", "num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
     ray.init(**kwargs)
 
 
