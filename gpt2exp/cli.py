@@ -302,6 +302,30 @@ def evaluate(
     )
 
 
+@app.command()
+def ui(
+    output: OutputOpt = Path("outputs"),
+    tracking_uri: TrackingUriOpt = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (MLflow refuses Host headers that are not local or private).")
+    ] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the UI in the default web browser.")] = False,
+) -> None:
+    """Serve the MLflow UI over the project's store (one worker, this machine only) until Ctrl-C."""
+    from rich.markup import escape
+
+    from gpt2exp.tracking.ui import UIError, serve_ui
+
+    own = f"sqlite:///{output.resolve() / 'mlflow.db'}"
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or own
+    try:
+        code = serve_ui(uri, output / "mlartifacts" if uri == own else None, host=host, port=port, open_browser=open_browser)
+    except UIError as e:
+        raise fail(escape(str(e))) from None  # escape: the server's log lines may contain [brackets]
+    raise typer.Exit(code)
+
+
 # ------------------------------------------------------------------------ Ray Jobs: submit, jobs
 AddressOpt = Annotated[
     str | None,

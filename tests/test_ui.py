@@ -1,11 +1,13 @@
-"""``gpt2exp ui``: a real ``mlflow server`` over a real experiment's store (parent run, two child runs, a PNG
-under ``report/`` on the parent), checked through the REST API and in headless Chromium (Debian's
+"""``gpt2exp ui``: a real ``mlflow server`` over a real experiment's store (parent run, two child runs, the
+comparison report under ``report/`` on the parent), checked through the REST API and in headless Chromium (Debian's
 ``chromium``: the browser tests skip without it), and a clean stop on SIGINT."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -26,7 +28,8 @@ from gpt2exp.tracking.ui import UIError, dump_dom, find_chromium, free_port, mlf
 pytestmark = pytest.mark.slow
 
 needs_chromium = pytest.mark.skipif(
-    find_chromium() is None, reason="no chromium on PATH (Debian: apt-get install --no-install-recommends chromium; see .ci/run)"
+    find_chromium() is None,
+    reason="no chromium (Debian: apt-get install --no-install-recommends chromium, see .ci/install-browser; or set CHROMIUM)",
 )
 
 RAW = {
@@ -38,16 +41,14 @@ RAW = {
     "tracking": {"system_metrics": False},
 }
 CHILDREN = {"a/seed=1337", "b/seed=1337"}
+REPORT = {"report/report.html", "report/report.md", "report/val_loss.png"}
 PLOT = "report/val_loss.png"
 
 
 @pytest.fixture(scope="module")
 def store(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tiny real experiment (two variants) in ``<out>/mlflow.db``, plus a plot under ``report/`` on the parent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A tiny real experiment (two variants) in ``<out>/mlflow.db``; ``run_plan`` logs the comparison report
+    (``report/report.html``, ``report.md``, ``val_loss.png``) on the parent run."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("ui")
@@ -61,16 +62,7 @@ def store(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("uitest")
-    runs = client.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    fig, ax = plt.subplots(figsize=(4, 3))
-    for r in runs:
-        if history := client.get_metric_history(r.info.run_id, "val_loss"):
-            ax.plot([m.step for m in history], [m.value for m in history], marker="o", label=r.info.run_name)
-    ax.set(xlabel="step", ylabel="val loss", title="uitest")
-    ax.legend()
-    client.log_figure(parent.info.run_id, fig, PLOT)
-    plt.close(fig)
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
     return {"out": out, "uri": uri, "experiment_id": exp.experiment_id, "parent_id": parent.info.run_id}
 
 
@@ -102,7 +94,7 @@ def test_rest_api_shows_parent_children_and_report(server: str, store: dict) -> 
 
     q = urllib.parse.urlencode({"run_id": store["parent_id"], "path": "report"})
     files = get_json(f"{server}/api/2.0/mlflow/artifacts/list?{q}")["files"]
-    assert [f["path"] for f in files] == [PLOT]
+    assert {f["path"] for f in files} >= REPORT
     q = urllib.parse.urlencode({"run_uuid": store["parent_id"], "path": PLOT})
     with urllib.request.urlopen(f"{server}/get-artifact?{q}", timeout=30) as r:
         assert r.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -128,25 +120,52 @@ def test_bad_store_uris_fail_in_one_line(tmp_path: Path) -> None:
         serve_ui("http://127.0.0.1:5000", None, port=free_port())
 
 
+def page_text(dom: str) -> str:
+    """The visible text of a DOM dump, tags replaced by single spaces."""
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
+
+
+def page(server: str, experiment_id: str, path: str = "") -> str:
+    """A UI page, in the "Model training" view (a fresh browser profile opens the GenAI view)."""
+    return f"{server}/#/experiments/{experiment_id}{path}?workflowType=machine_learning"
+
+
 @needs_chromium
-def test_browser_experiment_page_shows_runs(server: str, store: dict, tmp_path: Path) -> None:
-    url = f"{server}/#/experiments/{store['experiment_id']}"
-    dom = dump_dom(url)
-    assert "uitest" in dom  # the experiment (and parent run) name
-    missing = [name for name in CHILDREN if name not in dom]
-    assert not missing, f"child runs not rendered: {missing}"
-    shot = screenshot(url, tmp_path / "experiment.png")
+def test_browser_runs_page_shows_parent_of_three_runs(server: str, store: dict, tmp_path: Path) -> None:
+    url = page(server, store["experiment_id"], "/runs")
+    text = page_text(dump_dom(url))
+    assert "uitest" in text and "3 matching runs" in text, text[:2000]  # the parent row (children collapsed under it)
+    shot = screenshot(url, tmp_path / "runs.png")
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
 @needs_chromium
-def test_browser_parent_run_shows_report_plot(server: str, store: dict, tmp_path: Path) -> None:
-    url = f"{server}/#/experiments/{store['experiment_id']}/runs/{store['parent_id']}/artifacts/{PLOT}"
+def test_browser_parent_and_child_run_pages_link_each_other(server: str, store: dict) -> None:
+    dom = dump_dom(page(server, store["experiment_id"], f"/runs/{store['parent_id']}"))
+    text = page_text(dom)
+    assert "Child runs" in text, text[:2000]
+    missing = [name for name in CHILDREN if name not in text]
+    assert not missing, f"child runs not shown on the parent's page: {missing}"
+    child_ids = set(re.findall(r'href="#/experiments/\d+/runs/([0-9a-f]{32})"', dom)) - {store["parent_id"]}
+    assert len(child_ids) == 2, child_ids
+    text = page_text(dump_dom(page(server, store["experiment_id"], f"/runs/{sorted(child_ids)[0]}")))
+    assert "Parent run uitest" in text, text[:2000]
+
+
+@needs_chromium
+def test_browser_parent_run_shows_report_and_plot(server: str, store: dict, tmp_path: Path) -> None:
+    url = page(server, store["experiment_id"], f"/runs/{store['parent_id']}/artifacts/{PLOT}")
     dom = dump_dom(url)
-    assert "report" in dom and "val_loss.png" in dom
-    assert "<img" in dom and "get-artifact" in dom, "the PNG preview was not rendered"
-    shot = screenshot(url, tmp_path / "artifacts.png")
-    assert shot.stat().st_size > 20_000
+    assert "report" in page_text(dom) and "spec.yaml" in page_text(dom)  # the artifact tree
+    assert re.search(rf'<img alt="{re.escape(PLOT)}" src="blob:', dom), "the PNG preview was not rendered"
+    assert screenshot(url, tmp_path / "plot.png").stat().st_size > 20_000  # a rendered page, not a blank one
+
+    url = page(server, store["experiment_id"], f"/runs/{store['parent_id']}/artifacts/report/report.html")
+    dom = dump_dom(url)  # the HTML report is shown in a sandboxed iframe (its content is not in the dump)
+    assert re.search(r'<iframe src="blob:[^"]+" sandbox="[^"]*" class="mlflow-html-iframe"', dom), (
+        "the HTML report was not rendered"
+    )
+    assert screenshot(url, tmp_path / "report.png").stat().st_size > 20_000
 
 
 def _read_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:

@@ -122,6 +122,7 @@ class _Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
+                self.stop()  # what is left of its group
                 raise self.failure(f"mlflow server exited with code {self.proc.returncode} before it was ready")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
@@ -185,12 +186,12 @@ def mlflow_server(
     """A real ``mlflow server`` on ``host`` (a free port when ``port`` is None) for the ``with`` block;
     yields its base URL (``http://127.0.0.1:PORT``) and stops the whole process group on exit."""
     server = _Server(store_uri, artifacts, host, free_port(host) if port is None else port)
+    server.wait_ready(timeout)  # on failure it stops the server and keeps the log (named in the error)
     try:
-        server.wait_ready(timeout)
         yield server.url
     finally:
         server.stop()
-    server.remove_log()
+        server.remove_log()
 
 
 def serve_ui(
@@ -200,16 +201,26 @@ def serve_ui(
 
     Prints the URL once ``/health`` answers. Raises ``UIError`` (one-line message, plus the server's last
     log lines when it failed to start) if the port is taken or the server does not come up."""
-    server = _Server(store_uri, artifacts, host, port)
+    server: _Server | None = None
+    stopping = False
 
     def interrupt(signum, _frame):
+        nonlocal stopping
+        if stopping:  # a second Ctrl-C while stopping: no more grace period
+            if server is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.proc.pid, signal.SIGKILL)
+            return
+        stopping = True
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell starts `cmd &` with SIGINT ignored, and Python then never raises KeyboardInterrupt
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError, OSError):  # not the main thread: leave the handlers alone
             previous[sig] = signal.signal(sig, interrupt)
     try:
+        server = _Server(store_uri, artifacts, host, port)
         server.wait_ready()
         print(f"MLflow UI: {server.url}  (store {store_uri}; Ctrl-C to stop)", flush=True)
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -222,12 +233,15 @@ def serve_ui(
             time.sleep(0.5)
         raise server.failure(f"mlflow server stopped unexpectedly with code {server.proc.returncode}")
     except KeyboardInterrupt:
-        print("stopping the MLflow UI ...", flush=True)
-        server.stop()
-        server.remove_log()
+        stopping = True
+        if server is not None:
+            print("stopping the MLflow UI ...", flush=True)
+            server.stop()
+            server.remove_log()
         return 0
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
