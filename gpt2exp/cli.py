@@ -207,7 +207,9 @@ def use_store(output: Path, tracking_uri: str | None) -> str:
     """Point MLflow at --tracking-uri, else MLFLOW_TRACKING_URI, else the project's SQLite store."""
     import mlflow
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output.resolve() / 'mlflow.db'}"
+    from gpt2exp.tracking.runs import store_uri
+
+    uri = store_uri(output, tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise fail(f"no MLflow store at {uri}: run an experiment first, or pass --output / --tracking-uri")
     mlflow.set_tracking_uri(uri)
@@ -315,10 +317,10 @@ def ui(
     """Serve the MLflow UI over the project's store (one worker, this machine only) until Ctrl-C."""
     from rich.markup import escape
 
+    from gpt2exp.tracking.runs import project_store, store_uri
     from gpt2exp.tracking.ui import UIError, serve_ui
 
-    own = f"sqlite:///{output.resolve() / 'mlflow.db'}"
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or own
+    own, uri = project_store(output), store_uri(output, tracking_uri)
     try:
         code = serve_ui(uri, output / "mlartifacts" if uri == own else None, host=host, port=port, open_browser=open_browser)
     except UIError as e:

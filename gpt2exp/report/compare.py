@@ -546,7 +546,9 @@ def compare(
 
 def default_tracking_uri(output: str | Path) -> str:
     """Where ``gpt2exp run --output DIR`` records by default: MLFLOW_TRACKING_URI, else DIR/mlflow.db."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output).resolve() / 'mlflow.db'}"
+    from gpt2exp.tracking.runs import store_uri
+
+    return store_uri(output)
 
 
 __all__ = [

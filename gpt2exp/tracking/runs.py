@@ -32,9 +32,19 @@ METRICS = ("train_loss", "val_loss", "val_perplexity", "lr", "grad_norm", "token
 IDS = "mlflow.json"
 
 
+def project_store(output: str | Path) -> str:
+    """The project's own SQLite store: <output>/mlflow.db, as an absolute URI."""
+    return f"sqlite:///{Path(output).resolve() / 'mlflow.db'}"
+
+
+def store_uri(output: str | Path, explicit: str | None = None) -> str:
+    """``explicit`` (a flag or the spec), else MLFLOW_TRACKING_URI, else the project's store."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or project_store(output)
+
+
 def tracking_uri(spec: ExperimentSpec, output: Path) -> str:
-    """The spec's URI, else MLFLOW_TRACKING_URI, else a SQLite store in the output folder (absolute)."""
-    return spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output.resolve() / 'mlflow.db'}"
+    """Where a run of ``spec`` with ``--output output`` records."""
+    return store_uri(output, spec.tracking.tracking_uri)
 
 
 @contextlib.contextmanager
