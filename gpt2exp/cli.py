@@ -460,6 +460,128 @@ def jobs_stop(submission_id: JobIdArg, address: AddressOpt = None) -> None:
     console.print(f"{submission_id}: {info.status}", highlight=False)
 
 
+pipeline_app = typer.Typer(
+    no_args_is_help=True, help="Multi-stage pipelines (pipelines/*.yaml): prepare, run, compare, register, generate, export."
+)
+app.add_typer(pipeline_app, name="pipeline")
+PipelineArg = Annotated[Path, typer.Argument(help="Pipeline file (YAML).", show_default=False)]
+
+
+def read_pipeline(path: Path):  # noqa: ANN201, RUF100
+    """Load and validate a pipeline (its experiment specs included); a bad one prints ``FILE: field: reason`` lines, exits 2."""
+    from gpt2exp.pipeline.spec import load_pipeline
+
+    try:
+        return load_pipeline(path)
+    except SpecError as e:
+        for line in e.lines():
+            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(2) from None
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    pipeline_file: PipelineArg,
+    output: Annotated[Path, typer.Option(help="Folder for the stages' outputs (and the default MLflow store).")] = Path(
+        "outputs"
+    ),
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Rerun this stage and every stage after it.", show_default=False)
+    ] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a new pipeline run instead of continuing the latest.")] = False,
+    launcher: Annotated[str | None, typer.Option(help="local or ray for every run stage (default: each spec's).")] = None,
+    progress: Annotated[bool, typer.Option(help="Live progress of the run stages.")] = True,
+) -> None:
+    """Run a pipeline's stages in order; a rerun skips the stages that are done and resumes the others."""
+    from gpt2exp.pipeline.runner import PipelineError, run_pipeline
+
+    if launcher not in (None, "local", "ray"):
+        raise fail(f"--launcher {launcher!r}: use local or ray", 2)
+    pipeline = read_pipeline(pipeline_file)
+    if from_ is not None and from_ not in (names := [s.name for s in pipeline.stages]):
+        raise fail(f"--from {from_}: {pipeline_file} has no such stage; its stages are {', '.join(names)}", 2)
+    try:
+        run_pipeline(pipeline, output, start_from=from_, new=new, launcher=launcher, console=console, show_progress=progress)
+    except PipelineError as e:
+        raise fail(f"{e}; fix it and rerun the same command to continue from this stage") from None
+    except KeyboardInterrupt:
+        raise fail("interrupted: rerun the same command to continue where the pipeline stopped", 130) from None
+
+
+@pipeline_app.command("status")
+def pipeline_status(
+    pipeline_file: PipelineArg,
+    output: OutputOpt = Path("outputs"),
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Validate a pipeline and show its stages' state from its latest MLflow run."""
+    from gpt2exp.pipeline.runner import status_table
+    from gpt2exp.pipeline.state import PipelineRun
+    from gpt2exp.tracking.runs import store_uri
+
+    pipeline = read_pipeline(pipeline_file)
+    uri = store_uri(output, tracking_uri or pipeline.tracking_uri)
+    stored = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+    console.print(status_table(pipeline, PipelineRun.find(uri, pipeline.name) if stored else None))
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    pipeline_file: PipelineArg,
+    address: AddressOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            help="Output folder as the cluster sees it (several nodes: an absolute path on a shared filesystem).",
+            show_default=False,
+        ),
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's logs and exit with its final status.")] = False,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Rerun this stage and every stage after it.", show_default=False)
+    ] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a new pipeline run instead of continuing the latest.")] = False,
+    working_dir: Annotated[
+        Path | None, typer.Option(help="Project folder to upload (default: the current one).", show_default=False)
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Also leave out these paths (repeatable).")] = None,
+    autoscaling: Annotated[bool, typer.Option(help="The cluster adds nodes on demand: skip the resource check.")] = False,
+    submission_id: Annotated[str | None, typer.Option(help="Job id (default: gpt2exp-<pipeline>-<UTC time>).")] = None,
+) -> None:
+    """Run a whole pipeline on a Ray cluster as one Ray Job (its run stages use Ray Train there)."""
+    from gpt2exp.launch.submit import submit_pipeline
+
+    pipeline = read_pipeline(pipeline_file)  # a bad pipeline: FILE: field: reason lines, exit 2
+    if from_ is not None and from_ not in (names := [s.name for s in pipeline.stages]):
+        raise fail(f"--from {from_}: {pipeline_file} has no such stage; its stages are {', '.join(names)}", 2)
+    extra = [*(["--from", from_] if from_ else []), *(["--new"] if new else [])]
+    sid = on_cluster(
+        submit_pipeline,
+        pipeline_file,
+        address,
+        follow,
+        output,
+        extra,
+        working_dir=working_dir,
+        excludes=exclude or [],
+        autoscaling=autoscaling,
+        submission_id=submission_id,
+        say=note,
+    )
+    if follow:
+        console.print(f"job {sid} SUCCEEDED", highlight=False)
+    else:
+        print(sid)
+
+
+@pipeline_app.command("schema")
+def pipeline_schema() -> None:
+    """Print the JSON Schema of pipeline files."""
+    from gpt2exp.pipeline.spec import PipelineSpec
+
+    sys.stdout.write(json.dumps(PipelineSpec.model_json_schema(), indent=2) + "\n")
+
+
 def main() -> None:
     app()
 

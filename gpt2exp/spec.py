@@ -270,7 +270,7 @@ class ExperimentSpec(Strict):
 
     def expand(self) -> list[Variant]:
         """Variants × grid as fully validated specs (a spec with neither gives one variant, 'base')."""
-        return [Variant(name, overrides, _apply(self, overrides)) for name, overrides in self._variant_overrides()]
+        return [Variant(name, overrides, apply_overrides(self, overrides)) for name, overrides in self._variant_overrides()]
 
     def _variant_overrides(self) -> list[tuple[str, dict[str, Any]]]:
         listed = [(v.name, dict(v.set)) for v in self.variants] or [("", {})]
@@ -321,7 +321,7 @@ def _fmt(v: Any) -> str:
     return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
     for p in parts[:-1]:
@@ -334,11 +334,11 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _apply(base: ExperimentSpec, overrides: Mapping[str, Any]) -> ExperimentSpec:
+def apply_overrides(base: ExperimentSpec, overrides: Mapping[str, Any]) -> ExperimentSpec:
     """The base spec (without variants) with dotted overrides applied, re-validated."""
     raw = base.model_dump(exclude={"variants", "grid"}, exclude_unset=True)
     for key, value in overrides.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return ExperimentSpec.model_validate(raw)
 
 
@@ -365,36 +365,42 @@ class SpecError(Exception):
         return [f"{prefix}{path}: {reason}" if path else f"{prefix}{reason}" for path, reason in self.problems]
 
 
-def _problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def field_problems(err: ValidationError, prefix: str = "", schema: str = "gpt2exp schema") -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `gpt2exp schema` lists the fields)"
+            msg = f"unknown field (check the spelling; `{schema}` lists the fields)"
         for line in msg.split("\n"):  # cross-section checks report several "field.path: reason" lines
             path, reason = (loc, line) if loc or ": " not in line else line.split(": ", 1)
             out.append((".".join(p for p in (prefix, path) if p), reason))
     return out
 
 
-def load_spec(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ExperimentSpec:
-    """Read, override (``a.b=value`` strings or a dict) and validate a spec, variants included."""
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (safe loader); a missing file or bad YAML is a SpecError."""
     try:
         raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise SpecError([("", "no such file")], path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError([(where, f"invalid YAML: {getattr(e, 'problem', e)}")], path) from None
     if not isinstance(raw, dict):
-        raise SpecError([("", "a spec is a YAML mapping with name, data, model, train, ...")], path)
+        raise SpecError([("", what)], path)
+    return raw
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ExperimentSpec:
+    """Read, override (``a.b=value`` strings or a dict) and validate a spec, variants included."""
+    path = Path(path)
+    raw = read_yaml(path, "a spec is a YAML mapping with name, data, model, train, ...")
     try:
         ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in ov.items():
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
     except ValueError as e:
         raise SpecError([("--set", str(e))], path) from None
     return validate_spec(raw, path)
@@ -405,13 +411,13 @@ def validate_spec(raw: dict[str, Any], file: str | Path | None = None) -> Experi
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(_problems(e), file) from None
+        raise SpecError(field_problems(e), file) from None
     problems: list[tuple[str, str]] = []
     for name, ov in spec._variant_overrides():
         try:
-            _apply(spec, ov)
+            apply_overrides(spec, ov)
         except ValidationError as e:
-            problems += _problems(e, prefix=f"variants[{name}]")
+            problems += field_problems(e, prefix=f"variants[{name}]")
         except ValueError as e:
             problems.append((f"variants[{name}]", str(e)))
     if spec.baseline and spec.baseline not in [n for n, _ in spec._variant_overrides()]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from gpt2exp.launch.submit import (
     SPEC_DIR,
@@ -242,6 +243,48 @@ def test_submit_follow_runs_the_quickstart_and_logs_to_the_mlflow_server(
 
 
 @pytest.mark.slow
+def test_pipeline_submit_runs_the_whole_pipeline_as_one_job(ray_head: str, mlflow_url: str, corpus_head, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from gpt2exp.pipeline.state import PipelineRun
+
+    small = {"train.max_steps": 6, "train.eval_interval": 3, "train.eval_batches": 2, "model.n_layer": 1}
+    pipeline = {
+        "name": "cluster_study",
+        "tracking_uri": mlflow_url,
+        "stages": [
+            {"name": "data", "kind": "prepare", "data": {"path": str(corpus_head(200_000))}},
+            {
+                "name": "train",
+                "kind": "run",
+                "spec": str(QUICKSTART),
+                "data": "data",
+                "set": small | {"tracking.system_metrics": False},
+            },
+            {"name": "best", "kind": "register", "model_name": "cluster-best"},
+        ],
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    r = cli("pipeline", "submit", str(path), "--address", ray_head, "--follow", "--output", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sid = _submitted_id(r.stderr)
+    assert re.fullmatch(r"gpt2exp-cluster_study-\d{8}-\d{6}", sid) and f"job {sid} SUCCEEDED" in r.stdout
+    assert "(cluster_study, 3 stage(s), 2 variant(s))" in r.stderr
+    entry = connect(ray_head).client.get_job_info(sid).entrypoint
+    assert entry.startswith(f"python -m gpt2exp.cli pipeline run .gpt2exp-submit/{sid}.yaml --launcher ray")
+
+    run = PipelineRun.find(mlflow_url, "cluster_study")  # the stage state is in the MLflow server
+    assert run is not None and [s.status for s in run.states.values()] == ["completed"] * 3
+    client = MlflowClient(mlflow_url)
+    parent = client.get_run(run.states["train"].output["parent_run_id"])
+    assert parent.data.tags["gpt2exp.pipeline_run"] == run.run_id
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.params["parallel.launcher"] for c in children} == {"ray"} and len(children) == 2
+    assert client.get_model_version_by_alias("cluster-best", "best").run_id == run.states["best"].output["run_id"]
+
+
+@pytest.mark.slow
 def test_a_failing_job_reports_failed_with_its_error(ray_head: str, corpus_head, tmp_path: Path) -> None:
     # valid as a spec, so it passes the local checks; the data file does not exist where the job runs
     r = cli(
@@ -312,6 +355,10 @@ def test_a_bad_spec_fails_before_any_cluster_is_contacted(tmp_path: Path) -> Non
     r = cli("submit", str(QUICKSTART), "--address", "http://127.0.0.1:9", "--set", "model.n_head=5", timeout=60)
     assert r.returncode == 2
     assert "model.n_embd" in r.stderr and "cannot reach" not in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "p", "stages": [{"name": "t", "kind": "run", "spec": str(QUICKSTART), "data": "d"}]}))
+    r = cli("pipeline", "submit", str(bad), "--address", "http://127.0.0.1:9", timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"{bad}: stages.0.run.data: 'd' is not the name of a stage"
 
 
 # ---------------------------------------------------------------------- the rules, without a cluster
@@ -416,7 +463,10 @@ def test_entrypoint_is_quoted_and_checks_sharing_on_several_nodes() -> None:
         "python -m gpt2exp.cli run .gpt2exp-submit/a.yaml --launcher ray --output '/out dir' --no-progress"
     )
     assert entrypoint("s.yaml", "/mnt/x", check_shared=True) == (
-        "python -m gpt2exp.launch.submit checked-run /mnt/x s.yaml --launcher ray --output /mnt/x --no-progress"
+        "python -m gpt2exp.launch.submit checked-run /mnt/x run s.yaml --launcher ray --output /mnt/x --no-progress"
+    )
+    assert entrypoint("p.yaml", "/o", False, ["pipeline", "run"], ["--from", "a b"]) == (
+        "python -m gpt2exp.cli pipeline run p.yaml --launcher ray --output /o --no-progress --from 'a b'"
     )
 
 

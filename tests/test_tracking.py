@@ -150,7 +150,8 @@ def test_mlflow_model_server_answers_invocations(tracked: tuple[object, MlflowCl
     plan, client = tracked
     run = children(plan, client)["mha"]
     port = _free_port()
-    env = os.environ | {"MLFLOW_TRACKING_URI": client.tracking_uri}
+    bin_dir = str(Path(sys.executable).parent)  # mlflow runs `uvicorn` from PATH: the venv's, even when not activated
+    env = os.environ | {"MLFLOW_TRACKING_URI": client.tracking_uri, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     cmd = [
         sys.executable,
         "-m",

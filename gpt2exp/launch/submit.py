@@ -17,6 +17,10 @@
    with that zip as ``working_dir`` and the environment the job needs (tracking URI, caches, Ray Train's
    poll interval), under a submission id that names the experiment: ``gpt2exp-<spec name>-<UTC time>``.
 
+``gpt2exp pipeline submit PIPELINE`` does the same for a whole pipeline: the rules apply to every run stage's
+experiment, the package holds the pipeline made self-contained (its run stages' specs inline), and the job runs
+``gpt2exp pipeline run`` with the Ray launcher for every run stage.
+
 Inside the job, Ray sets ``RAY_ADDRESS``, so ``ensure_ray()`` joins the cluster instead of starting one;
 the driver runs on the head node, its Ray Train workers wherever the cluster has room.
 
@@ -323,11 +327,25 @@ def _first_line(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ rules
 @dataclass
+class Payload:
+    """What a job runs, validated here: an experiment spec or a pipeline (its YAML travels in the package)."""
+
+    name: str  # the experiment's or the pipeline's: names the submission
+    summary: str  # e.g. "2 variant(s)", for the notes
+    experiments: list[ExperimentSpec]  # what it trains (the resource and data rules apply to each)
+    tracking_uri: str | None  # given in the file (else MLFLOW_TRACKING_URI); None with tracking off
+    tracking: bool
+    yaml_text: str
+    command: list[str]  # the gpt2exp words before the file: ["run"] or ["pipeline", "run"]
+    extra_args: list[str] = field(default_factory=list)  # after the common options (e.g. --from STAGE)
+    mlflow_experiment: str = ""  # where to watch it in MLflow
+
+
+@dataclass
 class Plan:
     """What will be submitted, and why it is allowed to run on this cluster."""
 
-    spec: ExperimentSpec
-    spec_yaml: str
+    payload: Payload
     submission_id: str
     output: str
     tracking_uri: str | None
@@ -470,11 +488,11 @@ def check_data_cache(spec: ExperimentSpec, multi_node: bool) -> None:
 # ---------------------------------------------------------------------------------------- packing
 def effective_spec_yaml(spec_path: Path, overrides: Iterable[str]) -> str:
     """The spec file with the overrides applied (before validation: what ``load_spec`` validates)."""
-    from gpt2exp.spec import _set_dotted
+    from gpt2exp.spec import set_dotted
 
     raw = yaml.safe_load(Path(spec_path).read_text())
     for key, value in parse_overrides(overrides).items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
 
 
@@ -529,36 +547,74 @@ def job_env(tracking_uri: str | None, output: str, multi_node: bool, on_this_mac
     return env
 
 
-def entrypoint(spec_in_package: str, output: str, check_shared: bool) -> str:
+def entrypoint(
+    spec_in_package: str, output: str, check_shared: bool, command: Iterable[str] = ("run",), extra: Iterable[str] = ()
+) -> str:
     """The job's shell command (quoted with shlex: no user text is ever interpreted by the shell).
 
     With ``check_shared`` the same driver process first checks that every node sees the output folder, then
     runs. One process, not ``check && run``: when a first driver of a job exits, Ray may garbage-collect the
     job's unpacked ``working_dir`` while the job still runs in it (seen with Ray 2.60: the next process
     started in a deleted folder and died loading torch)."""
-    run = [spec_in_package, "--launcher", "ray", "--output", output, "--no-progress"]
+    args = [*command, spec_in_package, "--launcher", "ray", "--output", output, "--no-progress", *extra]
     if not check_shared:
-        return shlex.join(["python", "-m", "gpt2exp.cli", "run", *run])
-    return shlex.join(["python", "-m", "gpt2exp.launch.submit", "checked-run", output, *run])
+        return shlex.join(["python", "-m", "gpt2exp.cli", *args])
+    return shlex.join(["python", "-m", "gpt2exp.launch.submit", "checked-run", output, *args])
 
 
-def plan_submission(
-    cluster: Cluster,
-    spec_path: Path,
-    overrides: Iterable[str] | None = None,
-    output: str | os.PathLike[str] | None = None,
-    working_dir: Path | None = None,
-    autoscaling: bool = False,
-    submission_id: str | None = None,
-) -> Plan:
-    """Validate the spec and the cluster rules; everything that will be submitted, nothing sent yet."""
-    if working_dir is not None and not Path(working_dir).is_dir():
-        raise SubmitError(f"--working-dir {working_dir} is not a folder", 2)
+def experiment_payload(spec_path: Path, overrides: Iterable[str] | None = None) -> Payload:
+    """An experiment spec with its overrides, run by the Ray launcher."""
     overrides = [*(overrides or []), "parallel.launcher=ray"]
     try:
         spec = load_spec(spec_path, overrides)
     except SpecError as e:
         raise SubmitError("\n".join(e.lines()), 2) from None
+    return Payload(
+        name=spec.name,
+        summary=f"{len(spec.expand())} variant(s)",
+        experiments=[spec],
+        tracking_uri=spec.tracking.tracking_uri,
+        tracking=spec.tracking.enabled,
+        yaml_text=effective_spec_yaml(spec_path, overrides),
+        command=["run"],
+        mlflow_experiment=spec.tracking.experiment_name or spec.name,
+    )
+
+
+def pipeline_payload(path: Path, extra_args: Iterable[str] = ()) -> Payload:
+    """A pipeline, made self-contained (its run stages' specs inline) so the job needs no other file."""
+    from gpt2exp.pipeline.spec import RunStage, load_pipeline
+    from gpt2exp.pipeline.state import EXPERIMENT
+
+    try:
+        pipeline = load_pipeline(path)
+    except SpecError as e:
+        raise SubmitError("\n".join(e.lines()), 2) from None
+    experiments = [s.experiment for s in pipeline.stages if isinstance(s, RunStage)]
+    return Payload(
+        name=pipeline.name,
+        summary=f"{len(pipeline.stages)} stage(s), {sum(len(e.expand()) for e in experiments)} variant(s)",
+        experiments=experiments,
+        tracking_uri=pipeline.tracking_uri,
+        tracking=True,
+        yaml_text=yaml.safe_dump(pipeline.self_contained(), sort_keys=False, allow_unicode=True),
+        command=["pipeline", "run"],
+        extra_args=list(extra_args),
+        mlflow_experiment=EXPERIMENT.format(name=pipeline.name),
+    )
+
+
+def plan_submission(
+    cluster: Cluster,
+    payload: Payload,
+    output: str | os.PathLike[str] | None = None,
+    working_dir: Path | None = None,
+    autoscaling: bool = False,
+    submission_id: str | None = None,
+) -> Plan:
+    """Check the cluster rules for the payload; everything that will be submitted, nothing sent yet."""
+    if working_dir is not None and not Path(working_dir).is_dir():
+        raise SubmitError(f"--working-dir {working_dir} is not a folder", 2)
     nodes = cluster.nodes()
     for _ in range(20):  # a head that has just started can list no node for a moment
         if nodes:
@@ -569,45 +625,45 @@ def plan_submission(
         raise SubmitError(f"the Ray cluster at {cluster.address} has no alive nodes")
     multi_node = len(nodes) > 1 or autoscaling
     here = cluster.on_this_machine(nodes)
-    uri = (spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) if spec.tracking.enabled else None
+    uri = (payload.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) if payload.tracking else None
     problems: list[SubmitError] = []  # every rule is checked: one submission attempt shows all that is wrong
 
     def rule(check: Callable[..., Any], *args: Any) -> Any:
         try:
             return check(*args)
         except SubmitError as e:
-            problems.append(e)
+            if e.message not in [p.message for p in problems]:
+                problems.append(e)
             return None
 
     out = rule(check_output, None if output is None else str(output), multi_node, here)
-    if spec.tracking.enabled:
+    if payload.tracking:
         uri = rule(absolute_store, uri, here) or uri
         rule(check_tracking, uri, multi_node)
-    rule(check_data_cache, spec, multi_node)
     notes = []
     if autoscaling:
         notes.append("autoscaling cluster: the resource check is left to Ray (workers wait for nodes to join)")
-    else:
-        rule(check_fit, spec, nodes)
+    for spec in payload.experiments:
+        rule(check_data_cache, spec, multi_node)
+        if not autoscaling:
+            rule(check_fit, spec, nodes)
     if len(problems) == 1:
         raise problems[0]
     if problems:
         where = f"the Ray cluster at {cluster.address} ({describe_nodes(nodes)})"
         raise SubmitError(f"{len(problems)} problems with {where}:\n" + "\n".join(f"  - {p.message}" for p in problems), 2)
-    if spec.tracking.enabled and uri is None:
+    if payload.tracking and uri is None:
         notes.append(
             f"MLflow: SQLite in {out}/mlflow.db on the head node (pass tracking.tracking_uri=http://HOST:5000 for a server)"
         )
-    sid = submission_id or new_submission_id(spec.name)
-    spec_name = f"{sid}.yaml"
+    sid = submission_id or new_submission_id(payload.name)
     return Plan(
-        spec=spec,
-        spec_yaml=effective_spec_yaml(spec_path, overrides),
+        payload=payload,
         submission_id=sid,
         output=out,
         tracking_uri=uri,
         env_vars=job_env(uri, out, multi_node, here),
-        entrypoint=entrypoint(f"{SPEC_DIR}/{spec_name}", out, check_shared=multi_node),
+        entrypoint=entrypoint(f"{SPEC_DIR}/{sid}.yaml", out, multi_node, payload.command, payload.extra_args),
         working_dir=(working_dir or Path.cwd()).resolve(),
         nodes=nodes,
         notes=notes,
@@ -626,6 +682,30 @@ def submit(
     address: str | None,
     follow: bool = False,
     output: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> str:
+    """Submit the spec as a Ray Job and return its submission id (``options``: see :func:`send`)."""
+    return send(experiment_payload(Path(spec_path), overrides), str(spec_path), address, follow, output, **options)
+
+
+def submit_pipeline(
+    path: Path,
+    address: str | None,
+    follow: bool = False,
+    output: str | os.PathLike[str] | None = None,
+    extra_args: Iterable[str] = (),
+    **options: Any,
+) -> str:
+    """Submit a whole pipeline as one Ray Job (its run stages use the Ray launcher on the cluster)."""
+    return send(pipeline_payload(Path(path), extra_args), str(path), address, follow, output, **options)
+
+
+def send(
+    payload: Payload,
+    source: str,
+    address: str | None,
+    follow: bool = False,
+    output: str | os.PathLike[str] | None = None,
     *,
     working_dir: Path | None = None,
     excludes: Iterable[str] = (),
@@ -634,12 +714,12 @@ def submit(
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
     write: Callable[[str], None] | None = None,
 ) -> str:
-    """Submit the spec as a Ray Job and return its submission id.
+    """Check the cluster, pack the project with the payload's YAML, submit; returns the submission id.
 
     ``say`` gets the short notes (to stderr by default); with ``follow`` the job's logs stream through ``write``
     (stdout) and a job that does not succeed raises :class:`SubmitError` with its status and error line."""
     cluster = connect(address)
-    plan = plan_submission(cluster, Path(spec_path), overrides, output, working_dir, autoscaling, submission_id)
+    plan = plan_submission(cluster, payload, output, working_dir, autoscaling, submission_id)
     say(f"cluster {cluster.address}: {describe_nodes(plan.nodes)}, Ray {cluster.ray_version}")
     if cluster.ray_version and cluster.ray_version.split(".")[:2] != _local_ray_version().split(".")[:2]:
         say(
@@ -649,21 +729,21 @@ def submit(
         say(f"note: {note}")
     with tempfile.TemporaryDirectory(prefix="gpt2exp-submit-") as tmp:
         package = build_package(
-            plan.working_dir, f"{plan.submission_id}.yaml", plan.spec_yaml, Path(tmp) / "package.zip", excludes
+            plan.working_dir, f"{plan.submission_id}.yaml", payload.yaml_text, Path(tmp) / "package.zip", excludes
         )
         size = package.stat().st_size
         if size >= PACKAGE_WARNING:
             say(f"note: uploading {size / 1024**2:.0f} MiB from {plan.working_dir}; add what the job does not need to .rayignore")
         metadata = {
-            "gpt2exp.experiment": plan.spec.name,
-            "gpt2exp.spec": str(spec_path),
+            "gpt2exp.experiment": payload.name,
+            "gpt2exp.spec": source,
             "gpt2exp.output": plan.output,
             "gpt2exp.tracking_uri": plan.tracking_uri or "",
         }
         sid = _submit_job(cluster, plan, package, metadata)
-    say(f"submitted {sid} ({plan.spec.name}, {len(plan.spec.expand())} variant(s)) · output {plan.output}")
+    say(f"submitted {sid} ({payload.name}, {payload.summary}) · output {plan.output}")
     if plan.tracking_uri and not is_file_store(plan.tracking_uri):
-        say(f"MLflow: {plan.tracking_uri} (experiment {plan.spec.tracking.experiment_name or plan.spec.name})")
+        say(f"MLflow: {plan.tracking_uri} (experiment {payload.mlflow_experiment})")
     if not follow:
         say(f"follow it with: gpt2exp jobs logs {sid} --follow --address {cluster.address}")
         return sid
@@ -690,7 +770,7 @@ def _submit_job(cluster: Cluster, plan: Plan, package: Path, metadata: dict[str,
                 sid = f"{plan.submission_id}-{attempt + 1}"
                 plan.entrypoint = plan.entrypoint.replace(f"{plan.submission_id}.yaml", f"{sid}.yaml")
                 with zipfile.ZipFile(package, "a") as z:
-                    z.writestr(f"{SPEC_DIR}/{sid}.yaml", plan.spec_yaml)
+                    z.writestr(f"{SPEC_DIR}/{sid}.yaml", plan.payload.yaml_text)
                 continue
             raise _job_api_error(cluster, e, "submit the job") from None
         except Exception as e:
@@ -933,16 +1013,16 @@ def check_shared(output: str, timeout: float = 300.0) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    """``checked-run OUTPUT RUN_ARGS...``: the shared-folder check, then ``gpt2exp run RUN_ARGS`` in this process."""
-    if len(argv) >= 2 and argv[0] == "checked-run":
+    """``checked-run OUTPUT ARGS...``: the shared-folder check, then ``gpt2exp ARGS`` in this process."""
+    if len(argv) >= 3 and argv[0] == "checked-run":
         code = check_shared(argv[1])
         if code:
             return code
         from gpt2exp.cli import app
 
-        app(["run", *argv[2:]], prog_name="gpt2exp")  # exits with the run's code
+        app(argv[2:], prog_name="gpt2exp")  # exits with the command's code
         return 0
-    print("usage: python -m gpt2exp.launch.submit checked-run OUTPUT_FOLDER SPEC [gpt2exp run options]", file=sys.stderr)
+    print("usage: python -m gpt2exp.launch.submit checked-run OUTPUT_FOLDER GPT2EXP_ARGS...", file=sys.stderr)
     return 2
 
 

@@ -508,27 +508,52 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``<metric>.png`` under ``out_dir/report`` and (``log``)
     log them on the parent run under ``report/``. Returns ``{"markdown", "html", "plot"}`` paths."""
+    runs = load_runs(tracking_uri, experiment, parent_run_id)
+    paths = report_files(runs, Path(out_dir) / "report", comparison_table(runs, metric, baseline))
+    if log:
+        for path in paths.values():
+            runs.client.log_artifact(runs.parent_id, str(path), "report")
+    return paths
+
+
+def report_files(runs: Runs, folder: Path, table: pd.DataFrame) -> dict[str, Path]:
+    """``report.md``, ``report.html`` and ``<metric>.png`` in ``folder``: the comparison ``table`` of ``runs``
+    and their curves."""
     from gpt2exp.report.plots import plot_curves
 
-    runs = load_runs(tracking_uri, experiment, parent_run_id)
-    table = comparison_table(runs, metric, baseline)
-    folder = Path(out_dir) / "report"
+    metric = table.attrs["metric"]
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"{metric.replace('/', '_')}.png"
     plot_curves(runs, metric, png, variants=list(table.variant))
     md = folder / "report.md"
     md.write_text(
-        f"# {experiment}: comparison of variants\n\n"
+        f"# {runs.experiment}: comparison of variants\n\n"
         f"Parent run `{runs.parent_id}` · metric `{metric}` · baseline `{table.attrs['baseline']}`\n\n"
         f"{render(table, 'markdown')}\n![{metric} curves]({png.name})\n"
     )
     page = folder / "report.html"
     page.write_text(to_html(table, png))
-    paths = {"markdown": md, "html": page, "plot": png}
-    if log:
-        for path in paths.values():
-            runs.client.log_artifact(runs.parent_id, str(path), "report")
-    return paths
+    return {"markdown": md, "html": page, "plot": png}
+
+
+def combine_runs(parts: dict[str, Runs]) -> Runs:
+    """Several experiments' runs as one, each variant named ``<label>/<variant>`` (one part: unchanged);
+    the baseline is the first part's."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    first = next(iter(parts.values()))
+    frames, variants, history = [], [], {}
+    for label, runs in parts.items():
+        frames.append(runs.frame.assign(variant=[f"{label}/{v}" for v in runs.frame.variant]))
+        variants += [f"{label}/{v}" for v in runs.variants]
+        history |= runs._history
+    label = next(iter(parts))
+    baseline = f"{label}/{first.baseline or first.variants[0]}"
+    experiment = " + ".join(r.experiment for r in parts.values())
+    frame = pd.concat(frames, ignore_index=True)
+    return Runs(
+        first.client, first.tracking_uri, experiment, first.experiment_id, first.parent_id, frame, variants, baseline, history
+    )
 
 
 def compare(
@@ -555,6 +580,7 @@ __all__ = [
     "FORMATS",
     "ReportError",
     "Runs",
+    "combine_runs",
     "compare",
     "comparison_table",
     "default_tracking_uri",
@@ -564,6 +590,7 @@ __all__ = [
     "notes",
     "per_run",
     "render",
+    "report_files",
     "rich_table",
     "t_quantile",
     "verdict",

@@ -8,6 +8,8 @@ generated text (prompt excluded)."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -92,15 +94,23 @@ def log_gpt_model(final_dir: Path, name: str = "model", step: int | None = None)
             ]
         ),
     )
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=GPTPyfunc(),
-        artifacts={"weights": str(final_dir / WEIGHTS), "spec": str(final_dir / MODEL_SPEC)},
-        code_paths=[str(Path(gpt2exp.__file__).parent)],
-        pip_requirements=pip_requirements(),
-        signature=signature,
-        step=step or 0,
-    )
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)  # its CloudPickle caution: the model holds code, no pickled weights
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")  # the signature says it all
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=GPTPyfunc(),
+                artifacts={"weights": str(final_dir / WEIGHTS), "spec": str(final_dir / MODEL_SPEC)},
+                code_paths=[str(Path(gpt2exp.__file__).parent)],
+                pip_requirements=pip_requirements(),
+                signature=signature,
+                step=step or 0,
+            )
+    finally:
+        pyfunc_log.setLevel(level)
 
 
 def load_model(uri: str) -> tuple[GPT, Any]:

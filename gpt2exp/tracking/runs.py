@@ -21,6 +21,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import logging
+
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -30,6 +32,8 @@ from gpt2exp.spec import ExperimentSpec
 MAX_PARAM = 6000  # MLflow's limit on a param value
 METRICS = ("train_loss", "val_loss", "val_perplexity", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen")
 IDS = "mlflow.json"
+for _name in ("mlflow.store.db.utils", "mlflow.system_metrics"):  # "Creating initial ... tables", "Started monitoring"
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def project_store(output: str | Path) -> str:
@@ -61,6 +65,29 @@ def using(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def experiment_id(client: MlflowClient, name: str, output: str | Path) -> str:
+    """The MLflow experiment ``name``, created if new (with a SQLite store, artifacts go to ``<output>/mlartifacts``)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = client.tracking_uri.startswith("sqlite:")
+    return client.create_experiment(name, artifact_location=(Path(output).resolve() / "mlartifacts").as_uri() if local else None)
+
+
+def register(uri: str, run_id: str, name: str, alias: str = "best") -> str:
+    """Register the run's ``model`` under ``name``, point ``alias`` at the new version; returns the version."""
+    client = MlflowClient(uri)
+    found = client.search_logged_models(
+        [client.get_run(run_id).info.experiment_id], f"source_run_id = '{run_id}' AND name = 'model'", max_results=1
+    )
+    if not found:
+        raise ValueError(f"run {run_id} has no logged model named 'model' (did it finish?)")
+    with using(uri):
+        version = mlflow.register_model(f"models:/{found[0].model_id}", name).version
+    client.set_registered_model_alias(name, alias, version)
+    return str(version)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -102,13 +129,8 @@ class ExperimentTracker:
 
         self.uri = tracking_uri(spec, output)
         self.client = MlflowClient(self.uri)
-        name = spec.tracking.experiment_name or spec.name
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is None:  # created here, before any worker, so no two processes race to create the store
-            artifacts = (output.resolve() / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") else None
-            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
-        else:
-            self.experiment_id = experiment.experiment_id
+        # made here, before any worker, so no two processes race to create the store
+        self.experiment_id = experiment_id(self.client, spec.tracking.experiment_name or spec.name, output)
         self.out_dir, self.spec = out_dir, spec
         self.tags = {"gpt2exp.experiment": spec.name, "gpt2exp.version": __version__, "host": platform.node()}
         if commit := _git_commit():
@@ -159,11 +181,9 @@ class ExperimentTracker:
         """Register the ``model`` of the child run with the lowest val loss (run id -> loss) under
         ``name`` and point the alias ``best`` at it; returns (model version, its val loss)."""
         run_id = min(candidates, key=candidates.__getitem__)
-        with using(self.uri):
-            version = mlflow.register_model(f"runs:/{run_id}/model", name)
-        self.client.set_registered_model_alias(name, "best", version.version)
+        version = register(self.uri, run_id, name)
         self.client.set_tag(self.parent_id, "gpt2exp.best_run", run_id)
-        return version.version, candidates[run_id]
+        return version, candidates[run_id]
 
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(

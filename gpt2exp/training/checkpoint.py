@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ def write_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     """Every rank: write its shards of model + optimizer, its RNG state, and (rank 0) meta.json."""
     folder.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # single process: DCP says it assumes so, which is right
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
     rank, _ = rank_and_world()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
