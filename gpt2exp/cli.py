@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -500,6 +501,7 @@ def pipeline_run(
     pipeline = read_pipeline(pipeline_file)
     if from_ is not None and from_ not in (names := [s.name for s in pipeline.stages]):
         raise fail(f"--from {from_}: {pipeline_file} has no such stage; its stages are {', '.join(names)}", 2)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `jobs stop`, `kill`: record the stage as interrupted
     try:
         run_pipeline(pipeline, output, start_from=from_, new=new, launcher=launcher, console=console, show_progress=progress)
     except PipelineError as e:
