@@ -185,6 +185,18 @@ def test_rerun_skips_completed_stages(study: tuple[Path, PipelineRun]) -> None:
     again = PipelineRun.find(project_store(folder / "out"), "study")
     assert again is not None and again.run_id == run.run_id and stages(again) == stages(run)
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
+    changed = yaml.safe_load((folder / "study.yaml").read_text())
+    changed["stages"][4]["max_new_tokens"] = 13  # the generate stage
+    status = CliRunner().invoke(
+        app, ["pipeline", "status", str(write(folder, "changed.yaml", changed)), "--output", str(folder / "out")]
+    )
+    assert status.exit_code == 0, status.output
+    cells = [line.split("│") for line in status.output.splitlines() if line.count("│") > 6]
+    rows = {c[1].strip(): c[3].strip() for c in cells if c[1].strip()}
+    assert rows == {"data": "completed", "train": "completed", "cmp": "completed", "best": "completed"} | {
+        "samples": "completed, will rerun",
+        "hf": "completed",
+    }, status.output
 
 
 def test_failed_stage_is_recorded_and_the_fixed_pipeline_continues(study: tuple[Path, PipelineRun]) -> None:

@@ -53,9 +53,9 @@ def fingerprint(stage: Stage, outputs: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps([body, used], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def is_done(stage: Stage, state: StageState | None, print_: str) -> bool:
+def is_done(stage: Stage, state: StageState | None, digest: str) -> bool:
     """Completed with this fingerprint (and, for prepare, its token folder still on this machine)."""
-    if state is None or state.status != "completed" or state.fingerprint != print_:
+    if state is None or state.status != "completed" or state.fingerprint != digest:
         return False
     return not isinstance(stage, PrepareStage) or Path(state.output.get("dir", "")).is_dir()
 
@@ -109,20 +109,20 @@ def run_pipeline(
             state = run.states.get(stage.name)
             title = f"stage {i}/{len(names)}: {stage.name} ({stage.kind})"
             try:
-                print_ = fingerprint(stage, outputs)
+                digest = fingerprint(stage, outputs)
             except Exception as e:
                 raise PipelineError(f"{title}: {type(e).__name__}: {e}") from None
-            if not forced and is_done(stage, state, print_):
+            if not forced and is_done(stage, state, digest):
                 assert state is not None
                 console.print(f"[green]✓[/] {title}: done earlier", highlight=False)
                 outputs[stage.name] = state.output
                 continue
-            resume = not forced and state is not None and state.status != "completed" and state.fingerprint == print_
+            resume = not forced and state is not None and state.status != "completed" and state.fingerprint == digest
             attempt = state.attempt if resume and state else (state.attempt + 1 if state else 1)
             folder = output / pipeline.name / run.run_id[:8] / (stage.name if attempt == 1 else f"{stage.name}.{attempt}")
             console.rule(f"{title}" + (" · resuming" if resume else f" · attempt {attempt}" if attempt > 1 else ""))
             ctx = Context(pipeline, output, uri, run, folder, outputs, launcher, console, show_progress)
-            outputs[stage.name] = _execute(stage, ctx, run.start(stage.name, attempt, print_), title)
+            outputs[stage.name] = _execute(stage, ctx, run.start(stage.name, attempt, digest), title)
         run.finish("FINISHED")
     console.print(status_table(pipeline, run))
     return run
@@ -150,11 +150,33 @@ def _execute(stage: Stage, ctx: Context, state: StageState, title: str) -> dict[
     return out
 
 
+def stale_stages(pipeline: PipelineSpec, run: PipelineRun) -> set[str]:
+    """Completed stages that the next ``pipeline run`` would redo: changed since, or using a stage that will run."""
+    stale: set[str] = set()
+    outputs = {name: state.output for name, state in run.states.items() if state.status == "completed"}
+    for stage in pipeline.stages:
+        state = run.states.get(stage.name)
+        if state is None or state.status != "completed":
+            continue
+        if any(ref in stale or ref not in outputs for ref in stage.references()):
+            stale.add(stage.name)
+            continue
+        try:
+            changed = not is_done(stage, state, fingerprint(stage, outputs))
+        except Exception:  # e.g. a data file gone: the run will say so
+            changed = True
+        if changed:
+            stale.add(stage.name)
+    return stale
+
+
 def status_table(pipeline: PipelineSpec, run: PipelineRun | None) -> Table:
-    """One row per stage: its recorded status, attempt, time and the outputs later stages use."""
+    """One row per stage: its recorded status (``completed, will rerun`` when stale), attempt, time and
+    the outputs later stages use."""
     table = Table(title=f"pipeline {pipeline.name}" + (f" · run {run.run_id}" if run else " · not run yet"))
     for col in ("stage", "kind", "status", "attempt", "seconds", "output"):
         table.add_column(col, justify="right" if col in ("attempt", "seconds") else "left")
+    stale = stale_stages(pipeline, run) if run else set()
     for stage in pipeline.stages:
         state = run.states.get(stage.name) if run else None
         if state is None:
@@ -163,5 +185,6 @@ def status_table(pipeline: PipelineSpec, run: PipelineRun | None) -> Table:
         shown = {k: v for k, v in state.output.items() if k not in MACHINE_LOCAL}
         detail = state.error or ", ".join(f"{k}={v}" for k, v in shown.items())
         seconds = "" if state.seconds is None else f"{state.seconds:.1f}"
-        table.add_row(stage.name, stage.kind, state.status, str(state.attempt), seconds, detail)
+        status = f"{state.status}, will rerun" if stage.name in stale else state.status
+        table.add_row(stage.name, stage.kind, status, str(state.attempt), seconds, detail)
     return table
