@@ -6,14 +6,18 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from gpt2exp.spec import ExperimentSpec, SpecError, load_spec
+
+if TYPE_CHECKING:
+    from gpt2exp.pipeline.spec import PipelineSpec
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Compare GPT-2 variants from one YAML spec.")
 console = Console() if sys.stdout.isatty() else Console(width=160)  # piped output: no truncated tables
@@ -356,57 +360,68 @@ def note(text: str) -> None:
     err_console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
+ClusterOutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        help="Output folder as the cluster sees it (several nodes: an absolute path on a shared filesystem). "
+        "Default: ./outputs, when the cluster runs on this machine.",
+        show_default=False,
+    ),
+]
+FollowOpt = Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's logs and exit with its final status.")]
+WorkingDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Project folder to upload (default: the current one; .gitignore and .rayignore apply).", show_default=False
+    ),
+]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(help="Also leave out these paths (gitignore patterns, repeatable).")]
+AutoscalingOpt = Annotated[
+    bool, typer.Option(help="The cluster adds nodes on demand: multi-node rules apply, the resource check is skipped.")
+]
+SubmissionIdOpt = Annotated[str | None, typer.Option(help="Job id (default: gpt2exp-<name>-<UTC time>).", show_default=False)]
+
+
+def send_job(
+    call: Callable[..., str], *args: Any, follow: bool, working_dir: Path | None, exclude: list[str] | None, **options: Any
+) -> None:
+    """Submit through ``call`` (``gpt2exp.launch.submit``), then print the id (stdout) or the final status."""
+    sid = on_cluster(call, *args, follow=follow, working_dir=working_dir, excludes=exclude or [], say=note, **options)
+    if follow:
+        console.print(f"job {sid} SUCCEEDED", highlight=False)
+    else:
+        print(sid)  # the bare id on stdout: ID=$(gpt2exp submit ...)
+
+
 @app.command()
 def submit(
     spec_file: SpecArg,
     set_: SetOpt = None,
     address: AddressOpt = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            help="Output folder as the cluster sees it (several nodes: an absolute path on a shared filesystem). "
-            "Default: ./outputs, when the cluster runs on this machine.",
-            show_default=False,
-        ),
-    ] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's logs and exit with its final status.")] = False,
-    working_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Project folder to upload (default: the current one; .gitignore and .rayignore apply).", show_default=False
-        ),
-    ] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option(help="Also leave out these paths (gitignore patterns, repeatable).")
-    ] = None,
-    autoscaling: Annotated[
-        bool, typer.Option(help="The cluster adds nodes on demand: multi-node rules apply, the resource check is skipped.")
-    ] = False,
-    submission_id: Annotated[
-        str | None, typer.Option(help="Job id (default: gpt2exp-<spec name>-<UTC time>).", show_default=False)
-    ] = None,
+    output: ClusterOutputOpt = None,
+    follow: FollowOpt = False,
+    working_dir: WorkingDirOpt = None,
+    exclude: ExcludeOpt = None,
+    autoscaling: AutoscalingOpt = False,
+    submission_id: SubmissionIdOpt = None,
 ) -> None:
     """Run an experiment on a Ray cluster as a Ray Job: the project folder, the effective spec, its environment."""
     from gpt2exp.launch.submit import submit as submit_job
 
     read_spec(spec_file, [*(set_ or []), "parallel.launcher=ray"])  # a bad spec: FILE: field: reason lines, exit 2
-    sid = on_cluster(
+    send_job(
         submit_job,
         spec_file,
         set_,
         address,
-        follow,
-        output,
+        output=output,
+        follow=follow,
         working_dir=working_dir,
-        excludes=exclude or [],
+        exclude=exclude,
         autoscaling=autoscaling,
         submission_id=submission_id,
-        say=note,
     )
-    if follow:
-        console.print(f"job {sid} SUCCEEDED", highlight=False)
-    else:
-        print(sid)  # the bare id on stdout: ID=$(gpt2exp submit ...)
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray Jobs on a cluster (--address or RAY_ADDRESS): list, status, logs, stop.")
@@ -468,7 +483,7 @@ app.add_typer(pipeline_app, name="pipeline")
 PipelineArg = Annotated[Path, typer.Argument(help="Pipeline file (YAML).", show_default=False)]
 
 
-def read_pipeline(path: Path):  # noqa: ANN201, RUF100
+def read_pipeline(path: Path) -> PipelineSpec:
     """Load and validate a pipeline (its experiment specs included); a bad one prints ``FILE: field: reason`` lines, exits 2."""
     from gpt2exp.pipeline.spec import load_pipeline
 
@@ -480,16 +495,23 @@ def read_pipeline(path: Path):  # noqa: ANN201, RUF100
         raise typer.Exit(2) from None
 
 
+FromOpt = Annotated[str | None, typer.Option("--from", help="Rerun this stage and every stage after it.", show_default=False)]
+NewOpt = Annotated[bool, typer.Option("--new", help="Start a new pipeline run instead of continuing the latest.")]
+
+
+def check_from(pipeline: PipelineSpec, from_: str | None, path: Path) -> None:
+    if from_ is not None and from_ not in (names := [s.name for s in pipeline.stages]):
+        raise fail(f"--from {from_}: {path} has no such stage; its stages are {', '.join(names)}", 2)
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     pipeline_file: PipelineArg,
     output: Annotated[Path, typer.Option(help="Folder for the stages' outputs (and the default MLflow store).")] = Path(
         "outputs"
     ),
-    from_: Annotated[
-        str | None, typer.Option("--from", help="Rerun this stage and every stage after it.", show_default=False)
-    ] = None,
-    new: Annotated[bool, typer.Option("--new", help="Start a new pipeline run instead of continuing the latest.")] = False,
+    from_: FromOpt = None,
+    new: NewOpt = False,
     launcher: Annotated[str | None, typer.Option(help="local or ray for every run stage (default: each spec's).")] = None,
     progress: Annotated[bool, typer.Option(help="Live progress of the run stages.")] = True,
 ) -> None:
@@ -499,8 +521,7 @@ def pipeline_run(
     if launcher not in (None, "local", "ray"):
         raise fail(f"--launcher {launcher!r}: use local or ray", 2)
     pipeline = read_pipeline(pipeline_file)
-    if from_ is not None and from_ not in (names := [s.name for s in pipeline.stages]):
-        raise fail(f"--from {from_}: {pipeline_file} has no such stage; its stages are {', '.join(names)}", 2)
+    check_from(pipeline, from_, pipeline_file)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `jobs stop`, `kill`: record the stage as interrupted
     try:
         run_pipeline(pipeline, output, start_from=from_, new=new, launcher=launcher, console=console, show_progress=progress)
@@ -531,49 +552,31 @@ def pipeline_status(
 def pipeline_submit(
     pipeline_file: PipelineArg,
     address: AddressOpt = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            help="Output folder as the cluster sees it (several nodes: an absolute path on a shared filesystem).",
-            show_default=False,
-        ),
-    ] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's logs and exit with its final status.")] = False,
-    from_: Annotated[
-        str | None, typer.Option("--from", help="Rerun this stage and every stage after it.", show_default=False)
-    ] = None,
-    new: Annotated[bool, typer.Option("--new", help="Start a new pipeline run instead of continuing the latest.")] = False,
-    working_dir: Annotated[
-        Path | None, typer.Option(help="Project folder to upload (default: the current one).", show_default=False)
-    ] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Also leave out these paths (repeatable).")] = None,
-    autoscaling: Annotated[bool, typer.Option(help="The cluster adds nodes on demand: skip the resource check.")] = False,
-    submission_id: Annotated[str | None, typer.Option(help="Job id (default: gpt2exp-<pipeline>-<UTC time>).")] = None,
+    output: ClusterOutputOpt = None,
+    follow: FollowOpt = False,
+    from_: FromOpt = None,
+    new: NewOpt = False,
+    working_dir: WorkingDirOpt = None,
+    exclude: ExcludeOpt = None,
+    autoscaling: AutoscalingOpt = False,
+    submission_id: SubmissionIdOpt = None,
 ) -> None:
     """Run a whole pipeline on a Ray cluster as one Ray Job (its run stages use Ray Train there)."""
     from gpt2exp.launch.submit import submit_pipeline
 
-    pipeline = read_pipeline(pipeline_file)  # a bad pipeline: FILE: field: reason lines, exit 2
-    if from_ is not None and from_ not in (names := [s.name for s in pipeline.stages]):
-        raise fail(f"--from {from_}: {pipeline_file} has no such stage; its stages are {', '.join(names)}", 2)
-    extra = [*(["--from", from_] if from_ else []), *(["--new"] if new else [])]
-    sid = on_cluster(
+    check_from(read_pipeline(pipeline_file), from_, pipeline_file)  # a bad pipeline: FILE: field: reason lines, exit 2
+    send_job(
         submit_pipeline,
         pipeline_file,
         address,
-        follow,
-        output,
-        extra,
+        output=output,
+        extra_args=[*(["--from", from_] if from_ else []), *(["--new"] if new else [])],
+        follow=follow,
         working_dir=working_dir,
-        excludes=exclude or [],
+        exclude=exclude,
         autoscaling=autoscaling,
         submission_id=submission_id,
-        say=note,
     )
-    if follow:
-        console.print(f"job {sid} SUCCEEDED", highlight=False)
-    else:
-        print(sid)
 
 
 @pipeline_app.command("schema")
