@@ -139,6 +139,15 @@ def test_stages_record_their_outputs_in_mlflow(study: tuple[Path, PipelineRun]) 
     losses = {c.data.tags["gpt2exp.variant"]: c.data.metrics["val_loss"] for c in children}
     assert set(losses) == {"fast", "slow"} and train["best_variant"] == min(losses, key=losses.get) == "fast"
     assert state["cmp"]["output"]["best_variant"] == "fast"
+    children = client.search_runs(
+        [run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'", order_by=["attributes.start_time"]
+    )
+    assert [c.info.run_name for c in children] == list(state) and {c.info.status for c in children} == {"FINISHED"}
+    best = next(c for c in children if c.info.run_name == "best")
+    assert (
+        best.data.params["model_name"] == "tiny-best" and best.data.tags["output.version"] == state["best"]["output"]["version"]
+    )
+    assert all(state[c.info.run_name]["run_id"] == c.info.run_id for c in children)
     logged = {a.path for a in client.list_artifacts(run.run_id, "stages/cmp")}
     assert {"stages/cmp/report.html", "stages/cmp/report.md", "stages/cmp/val_loss.png"} <= logged
 

@@ -122,7 +122,7 @@ def run_pipeline(
             folder = output / pipeline.name / run.run_id[:8] / (stage.name if attempt == 1 else f"{stage.name}.{attempt}")
             console.rule(f"{title}" + (" · resuming" if resume else f" · attempt {attempt}" if attempt > 1 else ""))
             ctx = Context(pipeline, output, uri, run, folder, outputs, launcher, console, show_progress)
-            outputs[stage.name] = _execute(stage, ctx, run.start(stage.name, attempt, digest), title)
+            outputs[stage.name] = _execute(stage, ctx, run.start(stage, attempt, digest), title)
         run.finish("FINISHED")
     console.print(status_table(pipeline, run))
     return run

@@ -1,6 +1,7 @@
-"""Where a pipeline's progress lives: one MLflow run (experiment ``pipeline:<name>``) whose tags
+"""Where a pipeline's progress lives: a parent MLflow run (experiment ``pipeline:<name>``) whose tags
 ``gpt2exp.stage.<stage>`` hold each stage's state as JSON (status, attempt, fingerprint, outputs,
-times). It is in the tracking store, so a pipeline resumes from any machine that reaches the store."""
+times), with one child run per stage attempt (its configuration as params, its outputs as tags) for
+the MLflow UI. It is in the tracking store, so a pipeline resumes from any machine that reaches it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunTag
 
-from gpt2exp.tracking.runs import experiment_id
+from gpt2exp.pipeline.spec import Stage
+from gpt2exp.tracking.runs import experiment_id, flatten
 
 TAG = "gpt2exp.stage."
 PIPELINE_TAG = "gpt2exp.pipeline"
 EXPERIMENT = "pipeline:{name}"  # the MLflow experiment of a pipeline's runs
+RUN_STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
 @dataclass
@@ -29,17 +32,17 @@ class StageState:
     started: float = 0.0  # unix seconds
     seconds: float | None = None
     error: str | None = None
+    run_id: str | None = None  # the attempt's child run
 
 
 class PipelineRun:
-    """The MLflow run of one execution history of a pipeline (reruns continue it)."""
+    """The parent MLflow run of one execution history of a pipeline (reruns continue it)."""
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+        run = client.get_run(run_id)
+        self.client, self.run_id, self.experiment_id = client, run_id, run.info.experiment_id
         self.states = {
-            key.removeprefix(TAG): StageState(**json.loads(value))
-            for key, value in client.get_run(run_id).data.tags.items()
-            if key.startswith(TAG)
+            key.removeprefix(TAG): StageState(**json.loads(value)) for key, value in run.data.tags.items() if key.startswith(TAG)
         }
 
     @classmethod
@@ -75,19 +78,37 @@ class PipelineRun:
         self.states[stage] = state
         self.client.set_tag(self.run_id, TAG + stage, json.dumps(asdict(state), default=str))
 
-    def start(self, stage: str, attempt: int, fingerprint: str) -> StageState:
-        state = StageState("running", attempt, fingerprint, started=time.time())
-        self.save(stage, state)
+    def start(self, stage: Stage, attempt: int, fingerprint: str) -> StageState:
+        """Record the stage as running: a new attempt gets a child run, a resumed one continues its own."""
+        old = self.states.get(stage.name)
+        if old is not None and old.attempt == attempt and old.run_id:
+            run_id = old.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {"mlflow.parentRunId": self.run_id, "gpt2exp.stage": stage.name, "gpt2exp.attempt": str(attempt)}
+            name = stage.name if attempt == 1 else f"{stage.name}.{attempt}"
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            params = flatten(stage.model_dump(mode="json", exclude={"spec"}))
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        state = StageState("running", attempt, fingerprint, started=time.time(), run_id=run_id)
+        self.save(stage.name, state)
         return state
 
     def end(
         self, stage: str, state: StageState, status: str, output: dict[str, Any] | None = None, error: str | None = None
     ) -> None:
+        """Record how the attempt ended, on the parent (the state) and on its child run (status, outputs, time)."""
         state.status, state.output, state.error = status, output or {}, error
         state.seconds = round(time.time() - state.started, 1)
         self.save(stage, state)
-        if status == "completed":
-            self.client.log_metric(self.run_id, f"stage_seconds/{stage}", state.seconds)
+        if state.run_id:
+            tags = {f"output.{k}": str(v)[:5000] for k, v in state.output.items()} | ({"error": error[:5000]} if error else {})
+            now = int(time.time() * 1000)
+            self.client.log_batch(
+                state.run_id, metrics=[Metric("seconds", state.seconds, now, 0)], tags=[RunTag(k, v) for k, v in tags.items()]
+            )
+            self.client.set_terminated(state.run_id, RUN_STATUS[status])
 
     def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
+        """FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
