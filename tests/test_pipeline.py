@@ -63,6 +63,9 @@ def test_shipped_pipelines_are_valid() -> None:
         "n_kv_head=1",
     ]
     assert attention.data == study.stage("data").data
+    same = {"data", "model", "train", "parallel"}  # one table compares all eight variants: same base, same budget
+    learned = next(v.spec for v in study.stage("positions").experiment.expand() if v.name == "positional=learned")
+    assert attention.expand()[0].spec.model_dump(include=same) == learned.model_dump(include=same)
 
 
 def test_bad_pipeline_lists_every_problem_and_starts_nothing(tmp_path: Path) -> None:
