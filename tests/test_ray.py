@@ -1,10 +1,14 @@
 """The Ray launcher on a real local Ray cluster (127.0.0.1): DDP and FSDP with 2 CPU workers follow
 the single-process loss curve, FSDP's consolidated weights load into a plain GPT, and a killed
-worker is replaced and training resumes from the last checkpoint."""
+worker is replaced and training resumes from the last checkpoint; the private cluster leaves nothing
+behind."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,3 +132,37 @@ def test_killed_worker_is_replaced_and_resumes(data_parallel: tuple[pd.DataFrame
     assert results.val_loss[0] == pytest.approx(reference.val_loss["ddp"], abs=1e-4)
     assert read_metrics(plan.jobs[0]).step.tolist()[-1] == 16
     assert not psutil.pid_exists(killed[0])
+
+
+def test_workers_log_into_the_experiment_store_only(data_parallel: tuple[pd.DataFrame, object]) -> None:
+    """Rank 0 runs in Ray Train's working folder: closing its MLflow logger must not create a store there."""
+    import ray
+
+    assert not list(Path(ray._private.worker._global_node.get_session_dir_path()).rglob("mlflow.db"))
+
+
+OWN_CLUSTER = """
+import psutil, ray
+from gpt2exp.launch.ray import ProgressBus, ensure_ray
+ensure_ray()
+ray.get(ProgressBus.remote().drain.remote())
+print(*[p.pid for p in psutil.Process().children(recursive=True)])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_private_cluster_goes_with_its_driver() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", OWN_CLUSTER], env=env, capture_output=True, text=True, timeout=300, check=True)
+    pids = [int(pid) for pid in out.stdout.split()]
+    assert len(pids) >= 4, out.stdout  # GCS, raylet, their helpers, the actor's worker
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, f"Ray processes left behind: {alive}"

@@ -11,6 +11,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,12 +116,17 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
     for job in plan.jobs:
         if job not in pending:
             view.status(job.key, "done (earlier)")
-    tracker = track(plan) if plan.spec.tracking.enabled else None
     runner: Callable[[Plan, Recorder], None]
     if launcher == "ray":
+        from gpt2exp.launch.ray import ensure_ray
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
     else:
         runner = run_jobs_locally
+    with ThreadPoolExecutor(1) as pool:  # MLflow set-up in a thread while Ray starts (on the main thread, as it must)
+        tracking = pool.submit(track, plan) if plan.spec.tracking.enabled else None
+        if launcher == "ray" and pending:
+            ensure_ray()
+    tracker = tracking.result() if tracking is not None else None
     try:
         with view:
             runner(plan, Recorder(plan, view))

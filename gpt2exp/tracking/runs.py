@@ -232,6 +232,7 @@ class RunLogger:
             log_gpt_model(final_dir, step=step)
 
     def close(self) -> None:
-        mlflow.flush_async_logging()
+        with using(self.ref.uri):  # the run's store: the default one would be a new mlflow.db in the cwd
+            mlflow.flush_async_logging()
         if self.monitor is not None:
             self.monitor.finish()
