@@ -575,24 +575,3 @@ def default_tracking_uri(output: str | Path) -> str:
 
     return store_uri(output)
 
-
-__all__ = [
-    "FORMATS",
-    "ReportError",
-    "Runs",
-    "combine_runs",
-    "compare",
-    "comparison_table",
-    "default_tracking_uri",
-    "display_frame",
-    "load_runs",
-    "mean_ci",
-    "notes",
-    "per_run",
-    "render",
-    "report_files",
-    "rich_table",
-    "t_quantile",
-    "verdict",
-    "write_report",
-]
