@@ -119,12 +119,12 @@ class ExportStage(Stage):
 AnyStage = Annotated[
     PrepareStage | RunStage | CompareStage | RegisterStage | GenerateStage | ExportStage, Field(discriminator="kind")
 ]
-REFERS_TO = {  # (stage kind, field) -> kinds it may refer to
-    ("run", "data"): ("prepare",),
-    ("compare", "runs"): ("run",),
-    ("register", "runs"): ("run",),
-    ("generate", "model"): ("register", "run"),
-    ("export", "model"): ("register", "run"),
+REFERS_TO = {  # stage kind -> (the field naming earlier stages, the kinds it may name)
+    "run": ("data", ("prepare",)),
+    "compare": ("runs", ("run",)),
+    "register": ("runs", ("run",)),
+    "generate": ("model", ("register", "run")),
+    "export": ("model", ("register", "run")),
 }
 
 
@@ -150,24 +150,16 @@ class PipelineSpec(Strict):
                 stage.runs = [s.name for s in seen.values() if s.kind == "run"]
                 if not stage.runs:
                     problems.append(f"{where}.runs: no run stage before this one")
-            for (kind, field), allowed in REFERS_TO.items():
-                if kind != stage.kind:
-                    continue
-                value = getattr(stage, field)
-                refs = (
-                    value if isinstance(value, list) else [value] if value and (field != "model" or is_stage_ref(value)) else []
-                )
-                for ref in refs:
-                    if ref not in seen:
-                        later = any(s.name == ref for s in stages[i + 1 :])
-                        problems.append(
-                            f"{where}.{field}: {ref!r} "
-                            + ("is a later stage; a stage can only use earlier ones" if later else "is not the name of a stage")
-                        )
-                    elif seen[ref].kind not in allowed:
-                        problems.append(
-                            f"{where}.{field}: {ref!r} is a {seen[ref].kind} stage; give a {' or '.join(allowed)} stage"
-                        )
+            field, allowed = REFERS_TO.get(stage.kind, ("", ()))
+            for ref in stage.references():
+                if ref not in seen:
+                    later = any(s.name == ref for s in stages[i + 1 :])
+                    problems.append(
+                        f"{where}.{field}: {ref!r} "
+                        + ("is a later stage; a stage can only use earlier ones" if later else "is not the name of a stage")
+                    )
+                elif seen[ref].kind not in allowed:
+                    problems.append(f"{where}.{field}: {ref!r} is a {seen[ref].kind} stage; give a {' or '.join(allowed)} stage")
             if isinstance(stage, RunStage):
                 data = seen.get(stage.data or "")
                 try:

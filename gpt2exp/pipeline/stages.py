@@ -81,7 +81,8 @@ def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
         raise StageFailed(f"{len(failed)} of {len(results)} run(s) did not complete: {'; '.join(failed)}")
     parent = json.loads((plan.out_dir / IDS).read_text())["run_id"]
     ctx.run.client.set_tag(parent, "gpt2exp.pipeline_run", ctx.run.run_id)
-    best = min(plan.jobs, key=lambda j: read_status(j)["val_loss"])
+    losses = {job.key: read_status(job)["val_loss"] for job in plan.jobs}
+    best = min(plan.jobs, key=lambda j: losses[j.key])
     best_run = json.loads((Path(best.run_dir) / IDS).read_text())["run_id"]
     return {
         "experiment": spec.tracking.experiment_name or spec.name,
@@ -90,7 +91,7 @@ def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
         "runs": len(plan.jobs),
         "best_variant": best.variant,
         "best_seed": best.seed,
-        "best_val_loss": read_status(best)["val_loss"],
+        "best_val_loss": losses[best.key],
         "best_model_uri": f"runs:/{best_run}/model",
     }
 
