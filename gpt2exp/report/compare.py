@@ -574,4 +574,3 @@ def default_tracking_uri(output: str | Path) -> str:
     from gpt2exp.tracking.runs import store_uri
 
     return store_uri(output)
-
