@@ -71,15 +71,17 @@ def run(launcher: str, raw: dict, workdir: Path) -> tuple[float, pd.DataFrame]:
 RAY_FLOOR = """
 import sys, time
 t0 = time.perf_counter()
-from gpt2exp.launch.ray import _LaneTrainer, _shutdown, ensure_ray
+from gpt2exp.launch.cluster import ensure_ray, shutdown
+from gpt2exp.launch.ray import _LaneTrainer
+from gpt2exp.launch.torch_backend import LateTorchConfig
 from ray.train import RunConfig, ScalingConfig
 t1 = time.perf_counter()
 ensure_ray()
 t2 = time.perf_counter()
-_LaneTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+_LaneTrainer(lambda: None, backend_config=LateTorchConfig(backend="gloo"), scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
              run_config=RunConfig(name="floor", storage_path=sys.argv[1])).fit()
 t3 = time.perf_counter()
-_shutdown()
+shutdown()
 print(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
 """
 

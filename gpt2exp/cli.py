@@ -88,25 +88,22 @@ def run(
 ) -> None:
     """Train every variant of a spec and print the results table."""
     from gpt2exp.data.prepare import DataError
-    from gpt2exp.launch.plan import make_plan
-    from gpt2exp.launch.runner import run_plan
+    from gpt2exp.launch.runner import run_experiment
 
     overrides = list(set_ or []) + ([f"parallel.launcher={launcher}"] if launcher else [])
     spec = read_spec(spec_file, overrides)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all ranks
         console.quiet = True
         progress = False
+    out_dir = (output / spec.name).resolve()
     try:
-        plan = make_plan(spec, output, show_progress=progress)
+        _, results = run_experiment(spec, output, console, show_progress=progress)
     except DataError as e:
         raise fail(str(e), 2) from None
-    console.print(f"[bold]{spec.name}[/]: {len(plan.jobs)} run(s), {len(plan.pending())} to do · output {plan.out_dir}")
-    try:
-        results = run_plan(plan, spec.parallel.launcher, console, show_progress=progress)
     except KeyboardInterrupt:
-        raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {plan.out_dir}", 130) from None
+        raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {out_dir}", 130) from None
     print_results(results)
-    console.print(f"results: {plan.out_dir / 'results.csv'}")
+    console.print(f"results: {out_dir / 'results.csv'}")
     failed = [
         f"{r.variant} (seed {r.seed}): {r.status}" + (f" ({r.error})" if isinstance(r.error, str) else "")
         for r in results.itertuples()

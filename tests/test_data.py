@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2exp.data import EOT, BatchSampler, DataError, cache_root, epoch_steps, get_tokenizer, prepare
+from gpt2exp.data import EOT, DataError, cache_root, get_tokenizer, prepare
+from gpt2exp.data.loader import BatchSampler, epoch_steps
 from gpt2exp.data.prepare import SEGMENT_TOKENS, load_complete
 from gpt2exp.data.sources import builtin_files, read_pieces
 from gpt2exp.spec import DataSpec

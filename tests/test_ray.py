@@ -55,7 +55,7 @@ def ray_cluster() -> None:
     """A private Ray cluster on 127.0.0.1 with this machine's CPUs, as the launcher starts it."""
     import ray
 
-    from gpt2exp.launch.ray import ensure_ray
+    from gpt2exp.launch.cluster import ensure_ray
 
     ensure_ray()
     yield
@@ -143,11 +143,27 @@ def test_workers_log_into_the_experiment_store_only(data_parallel: tuple[pd.Data
 
 OWN_CLUSTER = """
 import psutil, ray
-from gpt2exp.launch.ray import ProgressBus, ensure_ray
+from gpt2exp.launch.cluster import ensure_ray
+from gpt2exp.launch.ray import ProgressBus
 ensure_ray()
 ray.get(ProgressBus.remote().drain.remote())
 print(*[p.pid for p in psutil.Process().children(recursive=True)])
 """
+
+
+DRIVER = """
+import sys
+import gpt2exp.cli, gpt2exp.launch.ray, gpt2exp.launch.runner, gpt2exp.report, gpt2exp.tracking.runs
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith(("gpt2exp.model", "gpt2exp.training.loop"))))
+"""
+
+
+def test_ray_driver_loads_no_torch() -> None:
+    """The driver of a Ray run (and the Train controller, which unpickles the lane trainer's backend
+    config from ``gpt2exp.launch.torch_backend``) leave torch and the model to the workers: loading
+    them costs seconds of CPU on the path to the first step."""
+    out = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def _alive(pid: int) -> bool:

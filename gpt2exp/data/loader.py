@@ -19,19 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2exp.data.prepare import open_tokens
 from gpt2exp.data.sources import DataError
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
-
-
-def open_tokens(tokens: np.ndarray | str | Path) -> np.ndarray:
-    """A token array: an array as is, or a ``.bin`` file of uint16 tokens memory-mapped read-only."""
-    if isinstance(tokens, np.ndarray):
-        return tokens
-    path = Path(tokens)
-    if path.stat().st_size == 0:  # np.memmap refuses empty files
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def epoch_steps(n_train_tokens: int, block_size: int, batch_size: int) -> float:

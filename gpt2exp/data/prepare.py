@@ -33,7 +33,6 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
-from gpt2exp.data.loader import open_tokens
 from gpt2exp.data.sources import DataError, Source, resolve_source
 from gpt2exp.data.tokenizer import EOT, get_tokenizer
 from gpt2exp.spec import DataSpec
@@ -51,6 +50,16 @@ IN_FLIGHT_PER_THREAD = 3  # tasks queued per encoding thread
 DEFAULT_CACHE = "~/.cache/gpt2exp/tokens"
 
 Split = Literal["train", "val"]
+
+
+def open_tokens(tokens: np.ndarray | str | Path) -> np.ndarray:
+    """A token array: an array as is, or a ``.bin`` file of uint16 tokens memory-mapped read-only."""
+    if isinstance(tokens, np.ndarray):
+        return tokens
+    path = Path(tokens)
+    if path.stat().st_size == 0:  # np.memmap refuses empty files
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from typing import Any
 
 from gpt2exp.parallel.distributed import init_from_env, pick_device, rank_and_world, set_cpu_threads
 from gpt2exp.training.checkpoint import barrier, is_complete
-from gpt2exp.training.loop import TrainJob, train
+from gpt2exp.training.job import TrainJob
+from gpt2exp.training.loop import train
 
 KEEP_CHECKPOINTS = 2
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from gpt2exp.data.prepare import TokenData, prepare
 from gpt2exp.spec import DataSpec, ExperimentSpec
-from gpt2exp.training.loop import TrainJob
+from gpt2exp.training.job import TrainJob
 
 STATUS = "status.json"
 

@@ -3,7 +3,8 @@ Ray session. Starting a worker group costs many seconds, so jobs of the same wor
 a group ("lane") trains its jobs one after another, and lanes run side by side when the cluster
 has room.
 
-Workers send metric records to a small actor that the driver drains for the progress view;
+This module is the driver's side (it imports neither torch nor the model); ``ray_worker`` is the
+workers'. Workers send metric records to a small actor that the driver drains for the progress view;
 ``ray.train.report`` is called only with checkpoints (it is a barrier across workers), and
 checkpoints upload asynchronously so steps do not wait for storage.
 
@@ -12,34 +13,22 @@ no Ray Train helper actors that have nothing to do there, and a shutdown without
 
 from __future__ import annotations
 
-import atexit
-import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from gpt2exp.launch.plan import Plan, read_status
-from gpt2exp.launch.runner import Recorder, outcome
-from gpt2exp.parallel.distributed import pick_device
-from gpt2exp.spec import ParallelSpec
-from gpt2exp.training.checkpoint import META
-from gpt2exp.training.loop import Diverged, TrainJob, train
-
-# Ray's Train controller polls workers every 2 s by default, which makes each report (and the end
-# of every run) wait; 0.2 s keeps that latency small. Single-machine Ray binds to loopback.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+from gpt2exp.launch.cluster import ensure_ray, own_cluster, shutdown
+from gpt2exp.launch.plan import Plan, read_status
+from gpt2exp.launch.runner import Recorder, outcome
+from gpt2exp.launch.torch_backend import LateTorchConfig
+from gpt2exp.spec import ParallelSpec
+from gpt2exp.training.job import TrainJob
 
 
 @ray.remote(num_cpus=0)
@@ -57,107 +46,11 @@ class ProgressBus:
         return out
 
 
-class RaySession:
-    """The loop's view of a Ray Train worker running one job of its lane."""
-
-    def __init__(self, job: TrainJob, bus: Any) -> None:
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = pick_device(job.spec.parallel.use_gpu)
-        self.job, self.bus = job, bus
-
-    def restore(self, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
-        """The lane's latest registered checkpoint, when it belongs to this job."""
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            meta = json.loads((Path(folder) / META).read_text())
-            return read(Path(folder)) if (meta["variant"], meta["seed"]) == (self.job.variant, self.job.seed) else None
-
-    def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
-        folder = Path(tempfile.mkdtemp(prefix="gpt2exp-ckpt-"))
-        write(folder)
-        name = f"{self.job.variant}-seed{self.job.seed}-step_{metrics['step']:08d}"
-        ray.train.report(
-            {k: v for k, v in metrics.items() if v is not None},
-            checkpoint=Checkpoint.from_directory(str(folder)),
-            checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-            delete_local_checkpoint_after_upload=True,
-        )
-        return str(Path(self.job.run_dir).parents[2] / "ray" / ray.train.get_context().get_experiment_name() / name)
-
-    def emit(self, record: dict[str, Any]) -> None:
-        if self.rank == 0:
-            self.bus.put.remote(self.job.key, record)
-
-
 def _lane_worker(config: dict[str, Any]) -> None:
-    """Every worker of a lane: train its jobs one after another in the same worker group."""
-    if not config["jobs"][0].spec.parallel.use_gpu:  # the CPUs Ray gave this worker, not one thread
-        import torch
+    """Every worker of a lane (the worker side, with torch and the loop, is imported there only)."""
+    from gpt2exp.launch.ray_worker import lane_worker
 
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    for job in config["jobs"]:
-        if read_status(job).get("status") == "completed":
-            continue
-        session = RaySession(job, config["bus"])
-        session.emit({"event": "start"})
-        t0, summary, error = time.perf_counter(), None, None
-        try:
-            summary = train(job, session)
-        except Diverged as e:  # the same on every rank: the group goes on with the next job
-            error = e
-        if session.rank == 0:
-            outcome(job, summary, time.perf_counter() - t0, error)
-            session.emit({"event": "status", "status": "done" if error is None else "diverged"})
-
-
-def ensure_ray() -> None:
-    """Join the cluster at RAY_ADDRESS, or start a private one on this machine (127.0.0.1)."""
-    if ray.is_initialized():
-        return
-    # workers' logs stay in Ray's session folder; errors come back as exceptions, metrics through the bus
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    address = os.environ.get("RAY_ADDRESS", "")
-    if not address or address.startswith(("http://", "https://")):  # a dashboard address is for `gpt2exp jobs`
-        # no idle workers prestarted for the driver: only the progress bus could use one (Ray Train's
-        # actors carry a runtime env of their own), and starting them made ray.init 0.6 s slower here
-        config = {"prestart_worker_first_driver": False}
-        kwargs |= {"address": "local", "num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1", "_system_config": config}
-    ray.init(**kwargs)
-    if _own_cluster():
-        atexit.unregister(_shutdown)  # once, however often Ray is started in this process
-        atexit.register(_shutdown)  # runs before Ray's own exit hook (registered at import)
-        _start_autoscaling_coordinator()
-
-
-def _start_autoscaling_coordinator() -> None:
-    """Start the actor that every ``fit`` asks for resources now, while the driver sets up MLflow,
-    rather than on the critical path of the first ``fit`` (a process start and a Ray Data import,
-    about 1.3 s on 2 cores)."""
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import get_or_create_autoscaling_coordinator
-    except ImportError:  # a Ray Train without it
-        return
-    get_or_create_autoscaling_coordinator()
-
-
-def _own_cluster() -> bool:
-    """Whether this process started the cluster it is connected to (a private one, without dashboard)."""
-    return ray._private.worker._global_node is not None
-
-
-def _shutdown() -> None:
-    """``ray.shutdown()`` without waiting 1 s for the autoscaler monitor of a cluster this process
-    started to obey SIGTERM (on one machine it has nothing to tidy up, so it is killed outright).
-    At exit it also runs instead of Ray's own hook, which sleeps 0.5 s for worker log lines that
-    log_to_driver=False never sends."""
-    if _own_cluster():
-        for info in ray._private.worker._global_node.all_processes.get(ray._private.ray_constants.PROCESS_TYPE_MONITOR, []):
-            info.process.kill()
-    ray.shutdown()
+    lane_worker(config)
 
 
 def worker_resources(p: ParallelSpec) -> dict[str, float]:
@@ -188,24 +81,28 @@ def lanes(jobs: list[TrainJob], resources: dict[str, float]) -> dict[str, list[T
     return out
 
 
-class _LaneTrainer(TorchTrainer):
-    """A ``TorchTrainer`` without Ray Data's DatasetManager actor (lanes pass no datasets) and, on the
+class _LaneTrainer(DataParallelTrainer):
+    """Ray's ``TorchTrainer`` (a data-parallel trainer with the torch backend, here the late-loading one
+    of ``torch_backend``, so that neither this driver nor the Train controller wait for torch's import)
+    without Ray Data's DatasetManager actor (lanes pass no datasets) and, on the
     private cluster, without the PlacementGroupCleaner actor (it asks the state API, which a cluster
     without dashboard does not serve, so it could never act). Each is one more process to start, and
     to feed, on a small machine at every ``fit``."""
 
     def _create_default_callbacks(self) -> list[Any]:
-        unused = {"DatasetsCallback"} | ({"PlacementGroupCleanerCallback"} if _own_cluster() else set())
+        unused = {"DatasetsCallback"} | ({"PlacementGroupCleanerCallback"} if own_cluster() else set())
         return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
 
 
-def _trainer(name: str, jobs: list[TrainJob], bus: Any, storage: Path) -> TorchTrainer:
+def _trainer(name: str, jobs: list[TrainJob], bus: Any, storage: Path) -> DataParallelTrainer:
     p = jobs[0].spec.parallel
     return _LaneTrainer(
         _lane_worker,
-        train_loop_config={"jobs": jobs, "bus": bus},
+        # the jobs by reference: the Train controller unpickles this config too, and has no use for
+        # the jobs (their classes would make it import MLflow on the critical path of every fit)
+        train_loop_config={"jobs": ray.put(jobs), "bus": bus},
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=worker_resources(p)),
-        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
+        backend_config=LateTorchConfig(backend="nccl" if p.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
@@ -273,7 +170,7 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
         for key in running.values():
             if read_status(by_key[key]).get("status") != "completed":
                 outcome(by_key[key], None, time.perf_counter() - started[key], KeyboardInterrupt())
-        _shutdown()
+        shutdown()
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -11,7 +11,6 @@ import re
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +22,11 @@ from rich.console import Console
 if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
 
-from gpt2exp.launch.plan import Plan, read_status, write_status
+from gpt2exp.launch.cluster import beside_ray
+from gpt2exp.launch.plan import Plan, make_plan, read_status, write_status
 from gpt2exp.launch.progress import ProgressView
-from gpt2exp.training.loop import Diverged, TrainJob
+from gpt2exp.spec import ExperimentSpec
+from gpt2exp.training.job import Diverged, TrainJob
 
 METRICS = "metrics.jsonl"
 RESULT_COLUMNS = [
@@ -107,10 +108,47 @@ def run_jobs_locally(plan: Plan, view: Recorder) -> None:
         view.status(job.key, record["status"] if record["status"] != "completed" else "done")
 
 
+def run_experiment(
+    spec: ExperimentSpec, output: Path, console: Console | None = None, show_progress: bool = True, out_dir: Path | None = None
+) -> tuple[Plan, pd.DataFrame]:
+    """Prepare the data and lay out the jobs (``make_plan``), then run them as ``run_plan`` does. With
+    the Ray launcher, Ray starts on the main thread while the data is prepared and MLflow set up."""
+    out = console or Console()
+    launcher = spec.parallel.launcher
+
+    def prepare() -> tuple[Plan, ExperimentTracker | None]:
+        plan = make_plan(spec, output, show_progress=show_progress, out_dir=out_dir)
+        out.print(
+            f"[bold]{spec.name}[/]: {len(plan.jobs)} run(s), {len(plan.pending())} to do · output {plan.out_dir}", highlight=False
+        )
+        return plan, set_up(plan, launcher)
+
+    plan, tracker = beside_ray(prepare, start=launcher == "ray")
+    return plan, execute(plan, launcher, tracker, console, show_progress)
+
+
 def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_progress: bool = True) -> pd.DataFrame:
-    """Run the plan's unfinished jobs and return (and write) the results table."""
+    """Run the plan's unfinished jobs and return (and write) the results table. With the Ray launcher,
+    Ray starts on the main thread while MLflow is set up."""
+    tracker = beside_ray(lambda: set_up(plan, launcher), start=launcher == "ray" and bool(plan.pending()))
+    return execute(plan, launcher, tracker, console, show_progress)
+
+
+def set_up(plan: Plan, launcher: str) -> ExperimentTracker | None:
+    """The output folder with the effective spec, the MLflow runs when tracking is on, and the
+    launcher's code imported (Ray Train's import overlaps Ray's start)."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     (plan.out_dir / "spec.yaml").write_text(yaml.safe_dump(plan.spec.model_dump(mode="json"), sort_keys=False))
+    if launcher == "ray":
+        import gpt2exp.launch.ray  # noqa: F401
+    return track(plan) if plan.spec.tracking.enabled else None
+
+
+def execute(
+    plan: Plan, launcher: str, tracker: ExperimentTracker | None, console: Console | None, show_progress: bool
+) -> pd.DataFrame:
+    """Run the unfinished jobs with the launcher, then close the MLflow runs and write the results
+    table and the comparison report."""
     pending = plan.pending()
     view = ProgressView([j.key for j in plan.jobs], console, enabled=show_progress)
     for job in plan.jobs:
@@ -118,15 +156,9 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
             view.status(job.key, "done (earlier)")
     runner: Callable[[Plan, Recorder], None]
     if launcher == "ray":
-        from gpt2exp.launch.ray import ensure_ray
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
     else:
         runner = run_jobs_locally
-    with ThreadPoolExecutor(1) as pool:  # MLflow set-up in a thread while Ray starts (on the main thread, as it must)
-        tracking = pool.submit(track, plan) if plan.spec.tracking.enabled else None
-        if launcher == "ray" and pending:
-            ensure_ray()
-    tracker = tracking.result() if tracking is not None else None
     try:
         with view:
             runner(plan, Recorder(plan, view))
@@ -177,24 +209,15 @@ def finish_tracking(plan: Plan, tracker: ExperimentTracker, results: pd.DataFram
 
 
 def track(plan: Plan) -> ExperimentTracker:
-    """Create (or find again) the MLflow runs of the plan and attach each job's run to it."""
-    import torch
-
-    from gpt2exp.model import GPT
+    """Create (or find again) the MLflow runs of the plan and attach each job's run to it. The
+    model's own figures (parameters, FLOPs per token) are logged by the training loop, which builds it."""
     from gpt2exp.tracking.runs import ExperimentTracker
 
     tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
     jobs = []
     for job in plan.jobs:
-        with torch.device("meta"):
-            model = GPT(job.spec.model)
         p = job.spec.parallel
-        facts = {
-            "n_params": model.num_params(),
-            "flops_per_token": model.flops_per_token(),
-            "world_size": p.num_workers,
-            "device": "cuda" if p.use_gpu else "cpu",
-        }
+        facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
         ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts)
         data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
         tracker.log_dataset(ref.run_id, data["source"], data.get("key", ""), int(data["n_train_tokens"]))

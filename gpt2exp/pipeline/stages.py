@@ -61,8 +61,8 @@ def prepare_stage(stage: PrepareStage, ctx: Context) -> dict[str, Any]:
 
 
 def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
-    from gpt2exp.launch.plan import make_plan, read_status
-    from gpt2exp.launch.runner import run_plan
+    from gpt2exp.launch.plan import read_status
+    from gpt2exp.launch.runner import run_experiment
     from gpt2exp.spec import set_dotted, validate_spec
     from gpt2exp.tracking.runs import IDS
 
@@ -71,11 +71,7 @@ def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
     if ctx.launcher:
         set_dotted(raw, "parallel.launcher", ctx.launcher)
     spec = validate_spec(raw, f"stage {stage.name}")
-    plan = make_plan(spec, ctx.output, show_progress=ctx.show_progress, out_dir=ctx.folder)
-    ctx.console.print(
-        f"{spec.name}: {len(plan.jobs)} run(s), {len(plan.pending())} to do · output {plan.out_dir}", highlight=False
-    )
-    results = run_plan(plan, spec.parallel.launcher, ctx.console, show_progress=ctx.show_progress)
+    plan, results = run_experiment(spec, ctx.output, ctx.console, show_progress=ctx.show_progress, out_dir=ctx.folder)
     failed = [f"{r.variant} (seed {r.seed}): {r.status}" for r in results.itertuples() if r.status != "completed"]
     if failed:
         raise StageFailed(f"{len(failed)} of {len(results)} run(s) did not complete: {'; '.join(failed)}")

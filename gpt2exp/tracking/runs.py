@@ -204,6 +204,11 @@ class RunLogger:
             self.monitor = SystemMetricsMonitor(ref.run_id, sampling_interval=5, resume_logging=True, tracking_uri=ref.uri)
             self.monitor.start()
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params known only once the model is built (logged again, unchanged, on a resume)."""
+        items = [mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+        self.client.log_batch(self.ref.run_id, params=items, synchronous=False)
+
     def log(self, record: dict[str, Any], model_id: str | None = None) -> None:
         now = int(__import__("time").time() * 1000)
         metrics = [

@@ -7,9 +7,8 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -18,30 +17,9 @@ from gpt2exp.model import GPT
 from gpt2exp.parallel.distributed import all_mean, grad_sync, wrap
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.training.checkpoint import read_state, save_final, write_state
+from gpt2exp.training.job import Diverged, TrainJob
 from gpt2exp.training.metrics import mfu, peak_flops
 from gpt2exp.training.optim import build_optimizer, lr_at
-
-if TYPE_CHECKING:
-    from gpt2exp.tracking.runs import RunRef
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """Everything a worker needs to train one variant at one seed (plain data: it crosses processes)."""
-
-    experiment: str
-    variant: str
-    seed: int
-    spec: ExperimentSpec  # the variant's own spec
-    train_tokens: str  # token files written by data preparation
-    val_tokens: str
-    run_dir: str  # this run's output folder (final weights go to <run_dir>/final)
-    total_steps: int
-    tracking: RunRef | None = None  # the MLflow child run that rank 0 logs into
-
-    @property
-    def key(self) -> str:
-        return f"{self.variant}/seed={self.seed}"
 
 
 class Session(Protocol):
@@ -59,10 +37,6 @@ class Session(Protocol):
 
     def emit(self, record: dict[str, Any]) -> None:
         """Rank 0: a metrics record for progress display and tracking (must not block)."""
-
-
-class Diverged(RuntimeError):
-    """The loss or gradient became NaN/inf."""
 
 
 def _autocast(spec: ExperimentSpec, device: torch.device) -> contextlib.AbstractContextManager:
@@ -94,6 +68,8 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
     torch.manual_seed(job.seed)  # same init on every rank and for every world size
     raw = GPT(spec.model).to(device)
     flops_per_token, n_params = raw.flops_per_token(), raw.num_params()
+    if logger is not None:
+        logger.log_params({"n_params": n_params, "flops_per_token": flops_per_token})
     bf16 = device.type == "cuda" and t.precision in ("auto", "bf16")
     model = wrap(raw, spec.parallel, device, bf16)
     optimizer = build_optimizer(raw, t, device)

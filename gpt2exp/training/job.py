@@ -1,0 +1,35 @@
+"""A training job as it crosses processes: plain data, importable without torch (the driver of a
+Ray run, and Ray's own processes, unpickle it without loading the model code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gpt2exp.spec import ExperimentSpec
+
+if TYPE_CHECKING:
+    from gpt2exp.tracking.runs import RunRef
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs to train one variant at one seed (plain data: it crosses processes)."""
+
+    experiment: str
+    variant: str
+    seed: int
+    spec: ExperimentSpec  # the variant's own spec
+    train_tokens: str  # token files written by data preparation
+    val_tokens: str
+    run_dir: str  # this run's output folder (final weights go to <run_dir>/final)
+    total_steps: int
+    tracking: RunRef | None = None  # the MLflow child run that rank 0 logs into
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/seed={self.seed}"
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient became NaN/inf."""
