@@ -154,6 +154,9 @@ print(*[p.pid for p in psutil.Process().children(recursive=True)])
 DRIVER = """
 import sys
 import gpt2exp.cli, gpt2exp.launch.ray, gpt2exp.launch.runner, gpt2exp.report, gpt2exp.tracking.runs
+from gpt2exp.launch.torch_backend import LateTorchConfig
+config = LateTorchConfig(backend="gloo")  # what the driver's fit and the controller use of it
+config.backend_cls(), config.train_func_context(), config.framework
 print(sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith(("gpt2exp.model", "gpt2exp.training.loop"))))
 """
 
