@@ -169,6 +169,26 @@ def test_ray_driver_loads_no_torch() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_missing_data_is_reported_before_ray_starts(tmp_path: Path) -> None:
+    """A data path that names nothing is a one-line error (exit 2), without a Ray session for nothing."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "data": {"path": str(tmp_path / "missing.txt")}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "ray")}
+    out = subprocess.run(
+        [sys.executable, "-m", "gpt2exp.cli", "run", str(spec), "--output", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: data.path: '{tmp_path / 'missing.txt'}' does not exist; "
+        "give a text file, a folder of .txt/.md files or a glob like 'texts/*.txt'"
+    ]
+    assert not (tmp_path / "ray").exists()  # Ray's session folder: Ray never started
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -22,6 +22,7 @@ from rich.console import Console
 if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
 
+from gpt2exp.data.sources import find_files
 from gpt2exp.launch.cluster import beside_ray
 from gpt2exp.launch.plan import Plan, make_plan, read_status, write_status
 from gpt2exp.launch.progress import ProgressView
@@ -123,6 +124,9 @@ def run_experiment(
         )
         return plan, set_up(plan, launcher)
 
+    if launcher == "ray":  # a data path that names nothing is reported before Ray starts
+        for path in {v.spec.data.path for v in spec.expand()} - {None}:
+            find_files(path)
     plan, tracker = beside_ray(prepare, start=launcher == "ray")
     return plan, execute(plan, launcher, tracker, console, show_progress)
 
