@@ -169,10 +169,15 @@ def test_ray_driver_loads_no_torch() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_missing_data_is_reported_before_ray_starts(tmp_path: Path) -> None:
-    """A data path that names nothing is a one-line error (exit 2), without a Ray session for nothing."""
+@pytest.mark.parametrize("empty", [False, True], ids=["missing", "empty"])
+def test_bad_data_is_one_line_and_ray_starts_only_for_a_file(tmp_path: Path, empty: bool) -> None:
+    """A data path that names nothing is a one-line error (exit 2) before Ray starts; an empty file is
+    found once Ray runs beside the data preparation, and is still the only line (no Ray notices)."""
+    data = tmp_path / "corpus.txt"
+    if empty:
+        data.write_text("")
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "data": {"path": str(tmp_path / "missing.txt")}}))
+    spec.write_text(yaml.safe_dump({**SPEC, "data": {"path": str(data)}}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "ray")}
     out = subprocess.run(
         [sys.executable, "-m", "gpt2exp.cli", "run", str(spec), "--output", str(tmp_path / "out")],
@@ -182,11 +187,13 @@ def test_missing_data_is_reported_before_ray_starts(tmp_path: Path) -> None:
         timeout=120,
     )
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines() == [
-        f"error: data.path: '{tmp_path / 'missing.txt'}' does not exist; "
-        "give a text file, a folder of .txt/.md files or a glob like 'texts/*.txt'"
-    ]
-    assert not (tmp_path / "ray").exists()  # Ray's session folder: Ray never started
+    expected = (
+        f"error: data.path {str(data)!r}: no text (1 file(s), all empty); give a non-empty UTF-8 text file"
+        if empty
+        else f"error: data.path: {str(data)!r} does not exist; give a text file, a folder of .txt/.md files or a glob like 'texts/*.txt'"
+    )
+    assert (out.stdout + out.stderr).strip().splitlines() == [expected]
+    assert (tmp_path / "ray").exists() == empty  # Ray's session folder
 
 
 def _alive(pid: int) -> bool:

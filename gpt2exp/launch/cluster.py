@@ -7,6 +7,7 @@ small machine starting a private cluster is seconds of waiting for its processes
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +38,18 @@ def ensure_ray() -> None:
         # actors carry a runtime env of their own), and starting them made ray.init 0.6 s slower here
         config = {"prestart_worker_first_driver": False}
         kwargs |= {"address": "local", "num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1", "_system_config": config}
+    # Ray turns token authentication on for a new local cluster (kept) and says so on every start;
+    # its warnings that authentication is off still show
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_quiet_auth_on)
     ray.init(**kwargs)
     if own_cluster():
         atexit.unregister(shutdown)  # once, however often Ray is started in this process
         atexit.register(shutdown)  # runs before Ray's own exit hook (registered at import)
         _start_autoscaling_coordinator()
+
+
+def _quiet_auth_on(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def beside_ray(work: Callable[[], T], start: bool = True) -> T:
