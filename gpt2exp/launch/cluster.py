@@ -53,13 +53,9 @@ def _quiet_auth_on(record: logging.LogRecord) -> bool:
 
 
 def beside_ray(work: Callable[[], T], start: bool = True) -> T:
-    """``work()``, in a thread while Ray starts on the main thread when ``start`` (and Ray is not
-    running yet); its result, or its exception."""
+    """``work()``, in a thread while Ray starts (``ensure_ray``) on the main thread when ``start``;
+    its result, or its exception."""
     if not start:
-        return work()
-    import ray
-
-    if ray.is_initialized():
         return work()
     with ThreadPoolExecutor(1, thread_name_prefix="beside-ray") as pool:
         done = pool.submit(work)
