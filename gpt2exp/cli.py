@@ -88,6 +88,7 @@ def run(
 ) -> None:
     """Train every variant of a spec and print the results table."""
     from gpt2exp.data.prepare import DataError
+    from gpt2exp.launch.plan import experiment_dir
     from gpt2exp.launch.runner import run_experiment
 
     overrides = list(set_ or []) + ([f"parallel.launcher={launcher}"] if launcher else [])
@@ -95,7 +96,7 @@ def run(
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all ranks
         console.quiet = True
         progress = False
-    out_dir = (output / spec.name).resolve()
+    out_dir = experiment_dir(spec, output)
     try:
         _, results = run_experiment(spec, output, console, show_progress=progress)
     except DataError as e:

@@ -40,10 +40,15 @@ def total_steps(spec: ExperimentSpec, n_train_tokens: int) -> int:
     return max(1, math.ceil(t.max_epochs * n_train_tokens / per_step))
 
 
+def experiment_dir(spec: ExperimentSpec, output: Path) -> Path:
+    """Where ``gpt2exp run --output OUTPUT`` keeps an experiment: ``<output>/<experiment>``."""
+    return (output / spec.name).resolve()
+
+
 def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True, out_dir: Path | None = None) -> Plan:
     """Prepare every distinct data source once and lay out one job per variant and seed, in
     ``out_dir`` (default ``<output>/<experiment>``)."""
-    out_dir = (out_dir or output / spec.name).resolve()
+    out_dir = out_dir.resolve() if out_dir else experiment_dir(spec, output)
     prepared: dict[str, TokenData] = {}
 
     def tokens_for(data: DataSpec) -> TokenData:
