@@ -36,7 +36,7 @@ def spec(n_variants: int, steps: int, corpus: Path | None) -> dict:
             "batch_size": 8,
             "lr": 3e-3,
             "eval_interval": steps,
-            "eval_batches": 2,
+            "eval_tokens": 256,
             "checkpoint_interval": steps // 2,
         },
         "grid": {"model.n_kv_head": [4, 2, 1, 4, 2, 1, 4, 2][:n_variants]} if n_variants > 1 else {},

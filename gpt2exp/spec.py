@@ -149,7 +149,16 @@ class TrainSpec(Strict):
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null: no clipping).")
     eval_interval: int = Field(100, gt=0, description="Evaluate every N steps (and at the end).")
-    eval_batches: int = Field(10, gt=0, description="Micro-batches per evaluation.")
+    eval_tokens: int = Field(
+        8192, gt=0, description="Tokens scored by each evaluation during training: a fixed sample of the validation windows."
+    )
+    final_eval_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens scored by the final evaluation (default: a quarter of the training tokens, at least "
+        "eval_tokens, at most the whole validation split; a forward pass costs about a third of a training step, "
+        "so this adds under 10% to the run).",
+    )
     log_interval: int = Field(10, gt=0)
     checkpoint_interval: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: eval_interval).")
     seed: int = 1337
@@ -171,6 +180,10 @@ class TrainSpec(Strict):
     @property
     def run_seeds(self) -> list[int]:
         return self.seeds or [self.seed]
+
+    def final_eval_budget(self, train_tokens: int) -> int:
+        """Tokens the final evaluation scores (capped later by the validation split) for a run of ``train_tokens``."""
+        return self.final_eval_tokens or max(self.eval_tokens, train_tokens // 4)
 
 
 # ------------------------------------------------------------------------------------- parallel

@@ -1,9 +1,10 @@
 """``gpt2exp.report``: the comparison table, its formats and the report, against a real MLflow store
-filled by a tiny real experiment (two variants x three seeds); expected numbers are recomputed here
-from MlflowClient and numpy/statistics."""
+filled by a tiny real experiment (two variants x three seeds) and one logged by hand (five variants,
+known differences); expected numbers are recomputed here from MlflowClient, numpy and scipy."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
@@ -15,16 +16,19 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from rich.console import Console
+from scipy import stats
 
 from gpt2exp.launch.plan import make_plan, read_status
 from gpt2exp.launch.runner import run_plan
 from gpt2exp.report import ReportError, comparison_table, load_runs, render, rich_table, write_report
-from gpt2exp.report.compare import T975, mean_ci, per_run, t_quantile, verdict
+from gpt2exp.report.compare import notes, per_run, to_html
+from gpt2exp.report.stats import holm, mdd
 from gpt2exp.spec import validate_spec
 from gpt2exp.tracking.runs import tracking_uri
 
-T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (3 seeds)
+T_975_DF2 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))  # Student t, 97.5% quantile, 2 degrees of freedom (closed form)
 SEEDS = [1, 2, 3]
 
 
@@ -43,7 +47,7 @@ def experiment(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
             "batch_size": 4,
             "lr": 2e-2,
             "eval_interval": 4,
-            "eval_batches": 2,
+            "eval_tokens": 512,
             "log_interval": 2,
             "seeds": SEEDS,
         },
@@ -130,42 +134,47 @@ def test_mean_ci_and_paired_difference_arithmetic(experiment: dict, table: pd.Da
     half = T_975_DF2 * diffs.std(ddof=1) / np.sqrt(3)
     assert mqa.delta_ci95 == pytest.approx(half, rel=1e-9)
     assert mqa.n_paired == 3
-    lo, hi = diffs.mean() - half, diffs.mean() + half
-    assert mqa.verdict == ("worse" if lo > 0 else "better" if hi < 0 else "no clear difference")
+    p = stats.ttest_rel([expected["mqa"][s][0] for s in SEEDS], [expected["mha"][s][0] for s in SEEDS]).pvalue
+    assert mqa.p_value == pytest.approx(p, rel=1e-9) and mqa.p_adjusted == mqa.p_value  # one comparison: Holm is the identity
+    assert mqa.mdd == pytest.approx(mdd(diffs.std(ddof=1), 3, 0.05), rel=1e-9)
+    assert mqa.verdict == ("no clear difference" if p >= 0.05 else "worse" if diffs.mean() > 0 else "better")
 
 
 def test_baseline_row_and_verdict_column(experiment: dict, table: pd.DataFrame) -> None:
     base = table.set_index("variant").loc["mha"]
     assert base.delta == 0 and base.verdict == "baseline"
     assert "verdict" in table.columns and set(table.verdict) <= {"baseline", "better", "worse", "no clear difference"}
+    assert math.isnan(base.p_value) and math.isnan(base.p_adjusted) and math.isnan(base.mdd)
     flipped = comparison_table(load_runs(experiment["uri"], "cmp"), baseline="mqa").set_index("variant")
     assert flipped.loc["mqa"].delta == 0 and flipped.loc["mqa"].verdict == "baseline"
     assert flipped.loc["mha"].delta == pytest.approx(-table.set_index("variant").loc["mqa"].delta, rel=1e-9)
-    assert flipped.loc["mha"].delta_ci95 == pytest.approx(table.set_index("variant").loc["mqa"].delta_ci95, rel=1e-9)
+    for col in ("delta_ci95", "p_value", "mdd"):
+        assert flipped.loc["mha", col] == pytest.approx(table.set_index("variant").loc["mqa", col], rel=1e-9)
 
 
-def test_single_seed_has_no_intervals(experiment: dict) -> None:
+@pytest.fixture(scope="module")
+def one_seed(experiment: dict) -> pd.DataFrame:
     runs = load_runs(experiment["uri"], "cmp")
-    one = comparison_table(replace(runs, frame=runs.frame[runs.frame.seed == 2]))
-    assert list(one.n_seeds) == [1, 1]
-    assert "verdict" not in one.columns and not any(c.endswith("_ci95") for c in one.columns)
+    return comparison_table(replace(runs, frame=runs.frame[runs.frame.seed == 2]))
+
+
+def test_single_seed_has_no_intervals_and_no_verdict(experiment: dict, one_seed: pd.DataFrame) -> None:
+    assert list(one_seed.n_seeds) == [1, 1] and not any(c.endswith("_ci95") for c in one_seed.columns)
+    assert list(one_seed.verdict) == ["baseline", "too few seeds"] and one_seed.p_value.isna().all() and one_seed.mdd.isna().all()
     expected = expected_finals(experiment)
-    assert one.delta[1] == pytest.approx(expected["mqa"][2][0] - expected["mha"][2][0], rel=1e-12)
+    assert one_seed.delta[1] == pytest.approx(expected["mqa"][2][0] - expected["mha"][2][0], rel=1e-12)
 
 
-def test_statistics_helpers() -> None:
-    assert T975[1] == pytest.approx(T_975_DF2, abs=1e-6) and t_quantile(2) == pytest.approx(T_975_DF2, abs=1e-6)
-    assert t_quantile(30) == pytest.approx(2.0422724563012373, abs=1e-6)
-    assert t_quantile(200) == pytest.approx(1.971896739, abs=1e-4)
-    mean, half, n = mean_ci([1.0, 2.0, 3.0, float("nan")])
-    assert (mean, n) == (2.0, 3) and half == pytest.approx(T_975_DF2 / math.sqrt(3))
-    assert math.isnan(mean_ci([5.0])[1])
-    assert (
-        verdict(-0.1, 0.05, 3) == "better"
-        and verdict(0.1, 0.05, 3) == "worse"
-        and verdict(0.01, 0.05, 3) == "no clear difference"
-    )
-    assert verdict(-0.1, 0.05, 3, lower_better=False) == "worse" and verdict(-0.1, math.nan, 1) == "too few seeds"
+def test_single_seed_outputs_say_no_verdict_and_how_to_add_seeds(one_seed: pd.DataFrame) -> None:
+    advice = "Run at least 3 seeds: `train.seeds: [1, 2, 3]` in the spec, or `--set 'train.seeds=[1,2,3]'`."
+    data = json.loads(render(one_seed, "json"))
+    assert data["note"].startswith("One seed per variant: no verdict is possible") and data["note"].endswith(advice)
+    assert [r["verdict"] for r in data["rows"]] == ["baseline", "too few seeds"]
+    markdown = render(one_seed, "markdown")
+    assert f"- {data['note']}" in markdown and markdown.splitlines()[0].rstrip(" |").endswith("verdict")
+    assert data["note"] in notes(one_seed)  # printed under the rich table
+    assert html.escape(data["note"]) in to_html(one_seed)
+    assert list(pd.read_csv(io.StringIO(render(one_seed, "csv"))).verdict) == ["baseline", "too few seeds"]
 
 
 def test_wall_time_from_metric_timestamps(experiment: dict) -> None:
@@ -187,9 +196,10 @@ def test_csv_json_markdown_parse_back(table: pd.DataFrame) -> None:
     assert list(back.verdict) == list(table.verdict)
 
     data = json.loads(render(table, "json"))
-    assert data["metric"] == "val_loss" and data["baseline"] == "mha"
+    assert data["metric"] == "val_loss" and data["baseline"] == "mha" and data["note"] is None
     rows = pd.DataFrame(data["rows"])
     assert list(rows.columns) == list(table.columns)
+    assert list(rows.columns[-7:]) == ["delta", "delta_ci95", "n_paired", "p_value", "p_adjusted", "mdd", "verdict"]
     np.testing.assert_array_equal(rows[numeric].to_numpy(float), table[numeric].to_numpy(float))
 
     lines = [line for line in render(table, "markdown").splitlines() if line.startswith("|")]
@@ -203,6 +213,7 @@ def test_csv_json_markdown_parse_back(table: pd.DataFrame) -> None:
         assert half == pytest.approx(expected.final_val_loss_ci95, abs=5e-5)
         assert int(row[header.index("params")].replace(",", "")) == expected.params
         assert row[-1] == expected.verdict
+    assert cells[1][header.index("mdd")] == f"{table.mdd[1]:.4f}" and cells[0][header.index("p")] == ""
 
 
 def test_rich_table_renders(table: pd.DataFrame) -> None:
@@ -243,3 +254,81 @@ def test_errors(experiment: dict, tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="experiment 'empty' has no runs") as error:
         load_runs(experiment["uri"], "empty")
     assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+
+
+SYNTHETIC = {  # variant -> final val_loss per seed: clearly better / worse than base, one the same, one with a single seed
+    "base": [3.00, 3.10, 2.90],
+    "better": [2.50, 2.62, 2.38],
+    "worse": [3.20, 3.31, 3.12],
+    "same": [3.01, 3.08, 2.93],
+    "single": [3.05],
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """SYNTHETIC logged straight to MLflow as finished child runs of one parent (no training): val_loss at
+    steps 1 and 2, tokens_seen, train_seconds (not for better/seed 3) and a tokens_per_sec history that
+    must not be used."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('syn') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("syn")
+    parent = client.create_run(exp, run_name="syn", start_time=1_000).info.run_id
+    start = 2_000
+    for variant, finals in SYNTHETIC.items():
+        for seed, final in zip(SEEDS, finals, strict=False):
+            tags = {"mlflow.parentRunId": parent, "gpt2exp.variant": variant, "gpt2exp.seed": str(seed)}
+            run_id = client.create_run(exp, start_time=start, tags=tags, run_name=f"{variant}-{seed}").info.run_id
+            metrics = [Metric("val_loss", final + 1, start + 10, 1), Metric("val_loss", final, start + 20, 2)]
+            metrics += [Metric("tokens_seen", 512.0 * step, start + 10 * step, step) for step in (1, 2)]
+            metrics += [Metric("tokens_per_sec", 999.0, start + 10 * step, step) for step in (1, 2)]
+            if (variant, seed) != ("better", 3):
+                metrics += [Metric("train_seconds", seed * step / 4, start + 10 * step, step) for step in (1, 2)]
+            client.log_batch(run_id, metrics=metrics)
+            client.set_terminated(run_id, end_time=start + 30)
+            start += 100
+    return {"uri": uri, "client": client}
+
+
+def test_holm_corrected_verdicts_over_all_variants(synthetic: dict) -> None:
+    table = comparison_table(load_runs(synthetic["uri"], "syn")).set_index("variant")
+    assert list(table.index) == list(SYNTHETIC) and table.attrs["comparisons"] == 3 and table.attrs["note"] is None
+    p = {v: stats.ttest_rel(SYNTHETIC[v], SYNTHETIC["base"]).pvalue for v in ("better", "worse", "same")}
+    for v, expected in p.items():
+        assert table.loc[v, "p_value"] == pytest.approx(expected, rel=1e-9)
+    np.testing.assert_allclose(table.loc[list(p), "p_adjusted"], holm(list(p.values())), rtol=1e-9)
+    assert table.loc["worse", "p_adjusted"] == pytest.approx(3 * min(p.values()), rel=1e-9)  # the smallest p, times m = 3
+    for v in p:
+        sd = np.std(np.subtract(SYNTHETIC[v], SYNTHETIC["base"]), ddof=1)
+        assert table.loc[v, "mdd"] == pytest.approx(mdd(sd, 3, 0.05 / 3), rel=1e-9)
+    assert table.loc["same", "mdd"] > abs(table.loc["same", "delta"])  # a difference that could hide
+    assert dict(table.verdict) == {
+        "base": "baseline",
+        "better": "better",
+        "worse": "worse",
+        "same": "no clear difference",
+        "single": "too few seeds",
+    }
+    assert table.loc["single", "n_paired"] == 1 and math.isnan(table.loc["single", "p_adjusted"])
+    lines = notes(table)
+    assert any("Holm-corrected over the 3 comparisons at 5% family-wise error" in n for n in lines)
+    assert any("differences smaller than mdd could go undetected at 80% power" in n for n in lines)
+
+
+def test_tokens_per_sec_is_tokens_over_train_seconds(synthetic: dict) -> None:
+    per = per_run(load_runs(synthetic["uri"], "syn")).set_index(["variant", "seed"])
+    for (variant, seed), r in per.iterrows():
+        if (variant, seed) == ("better", 3):
+            assert math.isnan(r.tokens_per_sec)  # no train_seconds logged
+        else:
+            assert r.tokens_per_sec == 1024.0 / (seed / 2)  # final tokens_seen / final train_seconds
+    assert "evaluation excluded" in notes(comparison_table(load_runs(synthetic["uri"], "syn")))[0]
+
+
+def test_tokens_per_sec_of_a_trained_run(experiment: dict) -> None:
+    client = experiment["client"]
+    for r in per_run(load_runs(experiment["uri"], "cmp")).itertuples():
+        last = {
+            k: max(client.get_metric_history(r.run_id, k), key=lambda m: m.step).value for k in ("tokens_seen", "train_seconds")
+        }
+        assert r.tokens_per_sec == pytest.approx(last["tokens_seen"] / last["train_seconds"], rel=1e-12) and r.tokens_per_sec > 0

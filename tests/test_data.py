@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gpt2exp.data import EOT, DataError, cache_root, get_tokenizer, prepare
-from gpt2exp.data.loader import BatchSampler, epoch_steps
+from gpt2exp.data.loader import BatchSampler, EvalWindows, epoch_steps
 from gpt2exp.data.prepare import SEGMENT_TOKENS, load_complete
 from gpt2exp.data.sources import builtin_files, read_pieces
 from gpt2exp.spec import DataSpec
@@ -238,13 +238,30 @@ def test_rank_shares_make_up_the_single_process_batch(prepared, world: int) -> N
         BatchSampler(prepared.train, 16, 6, seed=0, world_size=4)
 
 
-def test_eval_windows_are_fixed(prepared) -> None:
-    a = BatchSampler(prepared.val, block_size=16, batch_size=4, seed=1)
-    b = BatchSampler(prepared.val, block_size=16, batch_size=4, seed=99)  # another run: same eval windows
-    assert torch.equal(a.eval_batch(0)[0], a.eval_batch(0)[0]) and torch.equal(a.eval_batch(0)[0], b.eval_batch(0)[0])
-    assert not torch.equal(a.eval_batch(0)[0], a.eval_batch(1)[0])
-    shares = [BatchSampler(prepared.val, 16, 4, seed=1, rank=r, world_size=2).eval_batch(1)[1] for r in range(2)]
-    assert torch.equal(torch.cat(shares), a.eval_batch(1)[1])
+def test_eval_windows_are_fixed_and_cover_the_split(prepared) -> None:
+    """The evaluation set: non-overlapping windows covering the split, one order for every run; the
+    first n windows are the same rows whatever the micro batch and the worker count."""
+    ev = EvalWindows(prepared.val, block_size=16)
+    tokens = ev.tokens
+    assert len(ev) == (len(tokens) - 1) // 16 and len(ev) > 20
+    assert sorted(ev.starts.tolist()) == list(range(0, len(ev) * 16, 16))  # every window once, none overlapping
+    assert ev.starts[:10].tolist() != sorted(ev.starts[:10].tolist())  # a prefix samples the whole split
+    assert np.array_equal(EvalWindows(prepared.val, 16).starts, ev.starts)
+    assert ev.count(16 * 7 + 3) == 7 and ev.count(1) == 1 and ev.count(10**9) == len(ev)
+
+    def scored(micro: int, world: int) -> list[list[int]]:
+        rows = []
+        for rank in range(world):
+            for x, y, n in ev.batches(11, micro, rank, world):
+                assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape[1] == 16
+                rows += x[:n].tolist()
+        return sorted(rows)
+
+    single = scored(11, 1)
+    assert len(single) == 11
+    assert scored(4, 1) == scored(2, 2) == scored(3, 4) == single
+    counts = {len(list(ev.batches(11, 3, r, 4))) for r in range(4)}
+    assert counts == {1}  # every rank runs the same number of forwards (collectives in FSDP/DDP)
 
 
 def test_epoch_steps() -> None:

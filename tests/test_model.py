@@ -93,7 +93,7 @@ def reference_logits(model: GPT, idx: Tensor) -> Tensor:
     elif s.positional == "sinusoidal":  # PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(...)
         angle = pos[:, None] / 10000 ** (torch.arange(0, C, 2, dtype=dtype) / C)
         pe = torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(T, C)
-        x = x + pe
+        x = x + model.pos_scale * pe  # scaled sinusoidal: a learnable amplitude
 
     def rope(t: Tensor) -> Tensor:  # rotate pairs (i, i + hs/2) by p * theta^(-2i/hs)
         half = hs // 2
@@ -303,6 +303,47 @@ def test_generate_from_prompt_longer_than_block() -> None:
     assert torch.equal(out, model.generate(prompt, 6, temperature=0, use_cache=False))
     first = model(prompt[:, -16:])[0][:, -1].argmax(-1)  # the first token sees only the last block
     assert out[0, 20] == first
+
+
+# --------------------------------------------------------------------------- initialisation
+def test_same_seed_shares_every_tensor_whose_name_and_shape_agree() -> None:
+    """GPT(spec, seed) draws each parameter from (seed, name): variants differ only where they must."""
+
+    def differing(a: GPT, b: GPT) -> set[str]:
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        return {n for n in pa.keys() | pb.keys() if n not in pa or n not in pb or not torch.equal(pa[n], pb[n])}
+
+    spec = dict(vocab_size=256, block_size=32, n_layer=2, n_head=8, n_embd=64)
+    base = GPT(ModelSpec(**spec), seed=7)
+    torch.manual_seed(123)  # the global generator plays no part
+    assert differing(base, GPT(ModelSpec(**spec), seed=7)) == set()
+    assert differing(base, GPT(ModelSpec(**spec, positional="rope"), seed=7)) == {"transformer.wpe.weight"}
+    assert differing(base, GPT(ModelSpec(**spec, positional="sinusoidal"), seed=7)) == {"transformer.wpe.weight", "pos_scale"}
+    c_attn = {f"transformer.h.{i}.attn.c_attn.{w}" for i in range(2) for w in ("weight", "bias")}
+    assert differing(base, GPT(ModelSpec(**spec, n_kv_head=2), seed=7)) == c_attn
+    assert differing(base, GPT(ModelSpec(**spec, sliding_window=8), seed=7)) == set()
+    drawn = {n for n, p in base.named_parameters() if p.dim() >= 2}  # biases and LayerNorms start constant
+    assert differing(base, GPT(ModelSpec(**spec), seed=8)) == drawn
+    deeper = GPT(ModelSpec(**{**spec, "n_layer": 3}), seed=7)  # same names, same draws; c_proj std depends on depth
+    assert torch.equal(deeper.transformer.h[1].mlp.c_fc.weight, base.transformer.h[1].mlp.c_fc.weight)
+
+
+def test_init_statistics() -> None:
+    model = GPT(ModelSpec(vocab_size=1024, block_size=64, n_layer=4, n_head=4, n_embd=128), seed=0)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert all(
+        (p == 0).all() for n, p in model.named_parameters() if n.endswith("bias") and "ln_" not in n
+    )  # Linear biases start at 0
+
+
+def test_sinusoidal_table_starts_at_the_token_embeddings_scale() -> None:
+    """A table at amplitude 1 beside embeddings of std 0.02 would be ~35x their norm and drown the tokens."""
+    model = GPT(ModelSpec(block_size=1024, positional="sinusoidal"), seed=0)
+    rms = lambda t: t.pow(2).mean().sqrt().item()
+    ratio = rms(model.pos_scale * model.pos_table) / rms(model.transformer.wte.weight)
+    assert 0.5 <= ratio <= 2, ratio
+    assert model.pos_scale.requires_grad  # a learnable amplitude (x-transformers' ScaledSinusoidal)
 
 
 # ------------------------------------------------------------------------- size and compute

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "name": "tiny",
     "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
-    "train": {"max_steps": 16, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "eval_interval": 8, "eval_batches": 2},
+    "train": {"max_steps": 16, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "eval_interval": 8, "eval_tokens": 256},
     "tracking": {"system_metrics": False},
     "variants": [{"name": "fast", "set": {}}, {"name": "slow", "set": {"train.lr": 1e-4}}],
 }

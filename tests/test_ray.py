@@ -19,11 +19,12 @@ import pytest
 import torch
 import yaml
 
-from gpt2exp.data.loader import BatchSampler
+from gpt2exp.data.loader import EvalWindows
 from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import read_metrics, run_plan
 from gpt2exp.spec import validate_spec
 from gpt2exp.training.checkpoint import load_final
+from gpt2exp.training.evaluate import score_windows
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ SPEC = {
         "lr": 2e-2,
         "warmup_steps": 2,
         "eval_interval": 8,
-        "eval_batches": 2,
+        "eval_tokens": 256,
         "log_interval": 2,
         "checkpoint_interval": 4,
     },
@@ -98,10 +99,10 @@ def test_fsdp_consolidated_weights_load_into_a_plain_gpt(data_parallel: tuple[pd
     results, plan = data_parallel
     job = next(j for j in plan.jobs if j.variant == "fsdp")
     model = load_final(Path(job.run_dir) / "final").eval()
-    sampler = BatchSampler(job.val_tokens, 32, 8, job.seed)
-    with torch.no_grad():
-        losses = [model(*sampler.eval_batch(i))[1].item() for i in range(2)]
-    assert sum(losses) / 2 == pytest.approx(results.set_index("variant").val_loss["fsdp"], abs=1e-4)
+    loss, _ = score_windows(
+        model, EvalWindows(job.val_tokens, 32), job.spec.train.final_eval_budget(16 * 8 * 32), 8, torch.device("cpu")
+    )
+    assert loss == pytest.approx(results.set_index("variant").val_loss["fsdp"], abs=1e-4)
 
 
 def _kill_a_worker_after(checkpoint_glob: str, root: Path, killed: list[int]) -> None:

@@ -34,7 +34,7 @@ def tiny(corpus: Path, **tracking: object) -> dict:
         "name": "trk",
         "data": {"path": str(corpus)},
         "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
-        "train": {"max_steps": 8, "batch_size": 4, "lr": 2e-2, "eval_interval": 4, "eval_batches": 2, "log_interval": 2},
+        "train": {"max_steps": 8, "batch_size": 4, "lr": 2e-2, "eval_interval": 4, "eval_tokens": 256, "log_interval": 2},
         "variants": [{"name": "mha", "set": {}}, {"name": "mqa", "set": {"model.n_kv_head": 1}}],
         "tracking": {"system_metrics": False, **tracking},
     }

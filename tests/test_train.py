@@ -16,11 +16,12 @@ import pytest
 import torch
 import yaml
 
-from gpt2exp.data.loader import BatchSampler
+from gpt2exp.data.loader import EvalWindows
 from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import read_metrics, run_plan
 from gpt2exp.spec import validate_spec
 from gpt2exp.training.checkpoint import is_complete, load_final
+from gpt2exp.training.evaluate import score_windows
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ TINY = {
         "lr": 2e-2,
         "warmup_steps": 2,
         "eval_interval": 10,
-        "eval_batches": 2,
+        "eval_tokens": 256,
         "log_interval": 2,
     },
 }
@@ -96,10 +97,27 @@ def test_final_weights_reload_and_reproduce_val_loss(reference: tuple[pd.DataFra
     job = plan.jobs[1]
     model = load_final(Path(job.run_dir) / "final").eval()
     assert model.spec.positional == "rope" and model.spec.n_kv_head == 1
-    sampler = BatchSampler(job.val_tokens, 32, 8, job.seed)
-    with torch.no_grad():
-        losses = [model(*(t[:4] for t in sampler.eval_batch(i)))[1].item() for i in range(2)]
-    assert sum(losses) / 2 == pytest.approx(results.val_loss[1], abs=1e-4)
+    eval_set = EvalWindows(job.val_tokens, 32)
+    loss, se = score_windows(model, eval_set, job.spec.train.final_eval_budget(20 * 8 * 32), 16, torch.device("cpu"))
+    assert loss == pytest.approx(results.val_loss[1], abs=1e-4) and 0 < se < 0.3  # 40 windows of 32 tokens
+
+
+def test_val_loss_does_not_depend_on_the_micro_batch(
+    small_corpus: Path, reference: tuple[pd.DataFrame, object], tmp_path: Path
+) -> None:
+    """The same training as micro-batches of 8 instead of 4 (same global batch): the same final
+    val_loss, scored on the same fixed windows."""
+    results, plan = reference
+    raw = tiny_spec(small_corpus, train={"micro_batch_size": 8})
+    other = run_plan(make_plan(validate_spec(raw), tmp_path, show_progress=False), "local", show_progress=False)
+    assert other.val_loss[0] == pytest.approx(results.val_loss[0], abs=1e-3)
+    metrics = read_metrics(plan.jobs[0])
+    se = metrics.dropna(subset=["val_loss"]).val_loss_se
+    assert (se > 0).all() and se.iloc[-1] < se.iloc[0]  # the final evaluation scores more windows
+    # one definition of tokens/s: tokens trained per second of training, evaluation and checkpoints excluded
+    last = metrics.iloc[-1]
+    assert results.tokens_per_sec[0] == pytest.approx(last.tokens_seen / last.train_seconds, rel=1e-9)
+    assert metrics.train_seconds.is_monotonic_increasing
 
 
 def test_checkpoints_are_complete_and_pruned(reference: tuple[pd.DataFrame, object]) -> None:

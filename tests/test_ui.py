@@ -36,7 +36,7 @@ RAW = {
     "name": "uitest",
     "data": {"path": "CORPUS"},
     "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
-    "train": {"max_steps": 4, "batch_size": 4, "eval_interval": 2, "eval_batches": 1, "log_interval": 2},
+    "train": {"max_steps": 4, "batch_size": 4, "eval_interval": 2, "eval_tokens": 128, "log_interval": 2},
     "variants": [{"name": "a", "set": {}}, {"name": "b", "set": {"model.n_kv_head": 1}}],
     "tracking": {"system_metrics": False},
 }

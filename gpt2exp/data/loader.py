@@ -8,12 +8,13 @@ start offsets are drawn by ``numpy.random.default_rng([TRAIN_STREAM, seed, step]
 - W workers together see exactly what one process sees (e.g. with gradient accumulation),
 - resuming at step k needs nothing but k.
 
-Evaluation uses a fixed set of windows from ``default_rng([EVAL_STREAM, eval_seed, i])`` for batch i,
-independent of the training seed, so every run of every variant is scored on the same windows.
+Evaluation (:class:`EvalWindows`) scores the validation split cut into non-overlapping windows, in
+one fixed order: the same text for every variant, seed, micro-batch size and worker count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,6 @@ class BatchSampler:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        eval_seed: int = 0,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
@@ -53,23 +53,18 @@ class BatchSampler:
                 f"{tokens if isinstance(tokens, (str, Path)) else 'the token split'} has {len(self.tokens):,} tokens, fewer than "
                 f"block_size + 1 = {block_size + 1:,}; add more text or lower model.block_size"
             )
-        self.block_size, self.batch_size, self.seed, self.eval_seed = block_size, batch_size, seed, eval_seed
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         share = batch_size // world_size
         self.rows = slice(rank * share, (rank + 1) * share)
 
-    def starts(self, step: int, stream: int = TRAIN_STREAM) -> np.ndarray:
+    def starts(self, step: int) -> np.ndarray:
         """Start offsets of the whole global batch for ``step``: (batch_size,) int64."""
-        seed = self.seed if stream == TRAIN_STREAM else self.eval_seed
-        rng = np.random.default_rng([stream, seed % 2**64, step])
+        rng = np.random.default_rng([TRAIN_STREAM, self.seed % 2**64, step])
         return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (x, y) for optimizer step ``step``: int64 (batch_size/world_size, block_size); y is x shifted by one."""
-        return self._windows(self.starts(step)[self.rows])
-
-    def eval_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of fixed evaluation batch ``i`` (same windows at every evaluation)."""
-        return self._windows(self.starts(i, EVAL_STREAM)[self.rows])
+        return windows(self.tokens, self.starts(step)[self.rows], self.block_size)
 
     def micro_batches(self, step: int, micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``batch(step)`` split into gradient-accumulation micro-batches of ``micro_batch_size`` rows."""
@@ -78,10 +73,43 @@ class BatchSampler:
             raise ValueError(f"this rank's {len(x)} rows are not a multiple of micro_batch_size={micro_batch_size}")
         return list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
 
-    def _windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = starts[:, None] + np.arange(self.block_size + 1)  # (b, T+1)
-        w = torch.from_numpy(self.tokens[idx].astype(np.int64))  # (b, T+1)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) int64 (len(starts), block_size) of the windows beginning at ``starts``; y is x shifted by one."""
+    idx = starts[:, None] + np.arange(block_size + 1)  # (b, T+1)
+    w = torch.from_numpy(tokens[idx].astype(np.int64))  # (b, T+1)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+class EvalWindows:
+    """The fixed evaluation set: the validation split cut into non-overlapping windows of
+    ``block_size`` (+1 target) tokens, taken in one fixed pseudo-random order. The first n windows
+    are then a uniform sample of the whole split (an intermediate evaluation scores a prefix, the
+    final one more of the same order), and nothing depends on the seed or the batch layout."""
+
+    def __init__(self, tokens: np.ndarray | str | Path, block_size: int) -> None:
+        self.tokens, self.block_size = open_tokens(tokens), block_size
+        n = (len(self.tokens) - 1) // block_size
+        self.starts = np.random.default_rng(EVAL_STREAM).permutation(n) * block_size  # (n,) in visiting order
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def count(self, n_tokens: int) -> int:
+        """Windows scored for a budget of ``n_tokens`` (at least one, at most all)."""
+        return min(len(self), max(1, n_tokens // self.block_size))
+
+    def batches(self, n: int, micro: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """This rank's share of the first ``n`` windows: (x, y, rows) per batch of ``micro`` windows.
+        Global batch b holds windows [b·micro·W, (b+1)·micro·W) and rank r its rows [r·micro, (r+1)·micro),
+        so the ranks score disjoint windows and together all n. Every rank yields the same number of
+        batches (FSDP and DDP forwards are collective); a rank with nothing left scores the first
+        window again and reports ``rows == 0`` so it is not counted."""
+        for g in range(0, n, micro * world_size):
+            lo = min(n, g + rank * micro)
+            hi = min(n, lo + micro)
+            starts = self.starts[lo:hi] if hi > lo else self.starts[:1]
+            yield (*windows(self.tokens, starts, self.block_size), hi - lo)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

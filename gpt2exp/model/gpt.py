@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,14 @@ from torch import Tensor, nn
 from gpt2exp.model.attention import CausalSelfAttention, KVCache, attention_mask
 from gpt2exp.model.positional import rope_cache, sinusoidal_table
 from gpt2exp.spec import ModelSpec
+
+INIT_STD = 0.02  # GPT-2's standard deviation for weights and embeddings
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by (seed, parameter name) alone: a stable 64-bit hash of both."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class MLP(nn.Module):
@@ -42,9 +51,12 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """GPT-2 with multi-head/grouped-query/multi-query attention and learned, sinusoidal, RoPE,
-    ALiBi or no positions. ``forward(idx, targets) -> (logits, loss)``."""
+    ALiBi or no positions. ``forward(idx, targets) -> (logits, loss)``.
 
-    def __init__(self, spec: ModelSpec | None = None) -> None:
+    ``GPT(spec, seed=s)`` draws every parameter from (s, its name) alone (see ``init_weights``), so
+    two variants built with one seed share every tensor whose name and shape agree."""
+
+    def __init__(self, spec: ModelSpec | None = None, seed: int | None = None) -> None:
         super().__init__()
         self.spec = spec = spec or ModelSpec()
         self.transformer = nn.ModuleDict(
@@ -58,7 +70,12 @@ class GPT(nn.Module):
         if spec.positional == "learned":
             self.transformer["wpe"] = nn.Embedding(spec.block_size, spec.n_embd)
         elif spec.positional == "sinusoidal":
+            # x-transformers' ScaledSinusoidal: the fixed table (element RMS 1/sqrt(2)) times a learnable
+            # scalar that starts where the token embeddings' element RMS starts (INIT_STD). At amplitude 1
+            # the table would carry ~99.97% of the input's energy at init and drown the tokens; a scalar
+            # rather than a constant lets the model follow the token embeddings as they grow in training.
             self.register_buffer("pos_table", sinusoidal_table(spec.block_size, spec.n_embd), persistent=False)
+            self.pos_scale = nn.Parameter(torch.full((1,), INIT_STD * math.sqrt(2.0)))  # (1,): FSDP2 shards dim 0
         elif spec.positional == "rope":
             cos, sin = rope_cache(spec.block_size, spec.head_size, spec.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
@@ -66,17 +83,26 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(spec.n_embd, spec.vocab_size, bias=False)
         if spec.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * spec.n_layer))
+        self.init_weights(seed)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2's initialisation, each tensor drawn from its own generator seeded by (seed, name):
+        matrices and embeddings N(0, 0.02), residual projections (``c_proj``) N(0, 0.02/sqrt(2 n_layer)),
+        Linear biases 0; LayerNorms and ``pos_scale`` keep their constant start. Drawn on the CPU, so
+        the values do not depend on the device, rank or world size. ``seed=None`` takes one from
+        torch's global generator (``torch.manual_seed`` still decides)."""
+        if seed is None:
+            seed = int(torch.randint(2**62, (), device="cpu"))
+        linear_biases = {f"{m}.bias" for m, mod in self.named_modules() if isinstance(mod, nn.Linear)}
+        for name, p in self.named_parameters():  # tied weights once, under their first name (transformer.wte.weight)
+            if p.is_meta:
+                continue
+            if name in linear_biases:
+                p.zero_()
+            elif p.dim() >= 2:
+                std = INIT_STD / math.sqrt(2 * self.spec.n_layer) if name.endswith("c_proj.weight") else INIT_STD
+                p.copy_(torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=param_generator(seed, name)))
 
     # ------------------------------------------------------------------------------- forward
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
@@ -89,7 +115,7 @@ class GPT(nn.Module):
         if self.spec.positional == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         elif self.spec.positional == "sinusoidal":
-            x = x + self.pos_table[start : start + T].to(x.dtype)
+            x = x + (self.pos_scale * self.pos_table[start : start + T]).to(x.dtype)
         x = self.transformer.drop(x)
         rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T]) if self.spec.positional == "rope" else None
         mask = attention_mask(self.spec, start, T, idx.device)

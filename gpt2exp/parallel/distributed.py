@@ -83,10 +83,16 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def all_mean(values: list[float], device: torch.device) -> list[float]:
-    """Mean of each value over ranks (identity in a single process)."""
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum of each value over ranks, in float64 (identity in a single process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return t.tolist()
+
+
+def all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean of each value over ranks (identity in a single process)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return [v / world for v in all_sum(values, device)]

@@ -3,8 +3,10 @@
 One row per variant: size, tokens seen, wall time, throughput, final and best value of a metric,
 perplexity and the difference to the baseline variant. With several seeds every figure is a mean
 with its 95% confidence interval (Student t), and the difference to the baseline is paired over the
-seeds both variants ran, with a verdict: ``better`` / ``worse`` when the 95% interval of the paired
-difference excludes 0, else ``no clear difference``.
+seeds both variants ran: paired t-test p-value, its Holm adjustment over all variants compared, the
+minimal detectable difference (80% power) and a verdict, ``better`` / ``worse`` when the adjusted
+p-value is below 5% (family-wise), else ``no clear difference`` (see :mod:`gpt2exp.report.stats`).
+With one seed per variant no verdict is possible: the table says so and how to add seeds.
 
 Everything comes from the MLflow store: the latest parent run of the experiment (or a given one),
 its nested child runs (tags ``gpt2exp.variant`` / ``gpt2exp.seed``), their params and metric
@@ -19,9 +21,7 @@ import html
 import json
 import math
 import os
-import statistics
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,67 +30,24 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from gpt2exp.report.stats import ALPHA, POWER, holm, mdd, mean_ci, paired_p_value, verdict
+
 FORMATS = ("table", "markdown", "csv", "json")
 HIGHER_IS_BETTER = ("tokens_per_sec", "mfu", "tokens_seen", "accuracy")  # any other metric: lower is better
-VERDICTS = ("better", "worse", "no clear difference", "too few seeds", "baseline")
-
-# Two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30 (used when scipy is not installed).
-T975 = (
-    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-    2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-    2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
-)  # fmt: skip
+SEEDS_ADVICE = "Run at least 3 seeds: `train.seeds: [1, 2, 3]` in the spec, or `--set 'train.seeds=[1,2,3]'`."
 
 
 class ReportError(ValueError):
     """A comparison that cannot be made: the message is one line, fit for the terminal."""
 
 
-# ------------------------------------------------------------------------------------ statistics
-def t_quantile(df: int) -> float:
-    """t(0.975, df): scipy when installed, else the table (df <= 30) or its Cornish-Fisher expansion."""
-    if df < 1:
-        return math.nan
-    try:
-        from scipy.stats import t as student_t
-
-        return float(student_t.ppf(0.975, df))
-    except ImportError:
-        pass
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959963985
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_ci(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean, half-width of its two-sided 95% t interval (NaN below 2 values) and count; NaNs dropped."""
-    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not xs:
-        return math.nan, math.nan, 0
-    mean = statistics.fmean(xs)
-    if len(xs) < 2:
-        return mean, math.nan, 1
-    return mean, t_quantile(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)), len(xs)
-
-
 def lower_is_better(metric: str) -> bool:
     return not any(word in metric for word in HIGHER_IS_BETTER)
-
-
-def verdict(mean: float, half_width: float, n: int, lower_better: bool = True) -> str:
-    """``better``/``worse`` when the 95% interval of (variant - baseline) excludes 0."""
-    if n < 2 or math.isnan(half_width):
-        return "too few seeds"
-    if mean - half_width > 0:
-        return "worse" if lower_better else "better"
-    if mean + half_width < 0:
-        return "better" if lower_better else "worse"
-    return "no clear difference"
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -233,23 +190,22 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
 
 
 # ------------------------------------------------------------------------------------ the table
-def _final_best(hist: pd.DataFrame, lower_better: bool) -> tuple[float, float]:
-    if hist.empty:
-        return math.nan, math.nan
-    return float(hist.value.iloc[-1]), float(hist.value.min() if lower_better else hist.value.max())
+def _last(hist: pd.DataFrame) -> float:
+    return float(hist.value.iloc[-1]) if len(hist) else math.nan
 
 
 def per_run(runs: Runs, metric: str = "val_loss", finished_only: bool = True) -> pd.DataFrame:
     """One row per child run used in the comparison: variant, seed, params, tokens, wall_s,
-    tokens_per_sec (mean of the logged throughput), final/best ``metric``, perplexity."""
+    tokens_per_sec (final ``tokens_seen`` / final ``train_seconds``, the training loop's definition:
+    evaluation and checkpoints excluded; NaN without ``train_seconds``), final/best ``metric``, perplexity."""
     lower = lower_is_better(metric)
     frame = runs.frame[runs.frame.status == "FINISHED"] if finished_only else runs.frame
     rows = []
     for r in frame.itertuples():
-        final, best = _final_best(runs.history(r.run_id, metric), lower)
-        tokens = runs.history(r.run_id, "tokens_seen")
-        tps = runs.history(r.run_id, "tokens_per_sec")
-        val = runs.history(r.run_id, "val_loss")
+        hist = runs.history(r.run_id, metric)
+        best = float(hist.value.min() if lower else hist.value.max()) if len(hist) else math.nan
+        tokens, seconds = _last(runs.history(r.run_id, "tokens_seen")), _last(runs.history(r.run_id, "train_seconds"))
+        val = _last(runs.history(r.run_id, "val_loss"))
         start, end = runs.clock(r.run_id)
         rows.append(
             {
@@ -258,12 +214,12 @@ def per_run(runs: Runs, metric: str = "val_loss", finished_only: bool = True) ->
                 "run_id": r.run_id,
                 "status": r.status,
                 "params": r.params,
-                "tokens": float(tokens.value.iloc[-1]) if len(tokens) else math.nan,
+                "tokens": tokens,
                 "wall_s": (end - start) / 1000.0,
-                "tokens_per_sec": float(tps.value.mean()) if len(tps) else math.nan,
-                f"final_{metric}": final,
+                "tokens_per_sec": tokens / seconds if seconds > 0 else math.nan,
+                f"final_{metric}": _last(hist),
                 f"best_{metric}": best,
-                "perplexity": math.exp(min(float(val.value.iloc[-1]), 700.0)) if len(val) else math.nan,
+                "perplexity": math.exp(min(val, 700.0)),
             }
         )
     return pd.DataFrame(rows)
@@ -274,12 +230,15 @@ def comparison_table(
 ) -> pd.DataFrame:
     """One row per variant (spec order). Columns: variant, n_seeds, params, tokens, wall_s,
     tokens_per_sec, final_<metric>, best_<metric>, perplexity, delta (final metric minus the
-    baseline's: mean of the paired differences over shared seeds, else difference of means); with
-    more than one seed also ``<column>_ci95`` (half-width of the 95% t interval) after each measured
-    column, ``delta_ci95`` (paired over shared seeds), ``n_paired`` and ``verdict``.
+    baseline's: mean of the paired differences over shared seeds, else difference of means), with
+    more than one seed ``<column>_ci95`` (half-width of the 95% t interval) after each measured column
+    and ``delta_ci95`` (paired over shared seeds); then always ``n_paired``, ``p_value`` (paired t-test),
+    ``p_adjusted`` (Holm over the variants compared), ``mdd`` (minimal detectable difference at 80% power
+    and the strictest Holm level) and ``verdict`` (``too few seeds`` below 2 paired seeds).
 
-    ``df.attrs`` holds experiment, parent_run_id, metric, baseline, lower_is_better, multi_seed and
-    ``excluded`` (unfinished runs left out, as ``variant/seed=N: STATUS``)."""
+    ``df.attrs`` holds experiment, parent_run_id, metric, baseline, lower_is_better, multi_seed,
+    ``comparisons`` (variants with a p-value), ``note`` (why there is no verdict and how to add seeds,
+    else None) and ``excluded`` (unfinished runs left out, as ``variant/seed=N: STATUS``)."""
     available = runs.metrics()
     if metric not in available:
         shown = [m for m in available if not m.startswith("system/")]
@@ -302,7 +261,7 @@ def comparison_table(
     final = f"final_{metric}"
     base = per[per.variant == baseline].set_index("seed")[final]
     measured = ["params", "tokens", "wall_s", "tokens_per_sec", final, f"best_{metric}", "perplexity"]
-    rows = []
+    rows, diffs = [], []
     for name in variants:
         group = per[per.variant == name]
         row: dict[str, Any] = {"variant": name, "n_seeds": len(group)}
@@ -314,20 +273,35 @@ def comparison_table(
         mine = group.set_index("seed")[final]
         pairable = not (mine.index.has_duplicates or base.index.has_duplicates)
         shared = [s for s in mine.index if pd.notna(s) and s in base.index] if pairable else []
-        diffs = [mine[s] - base[s] for s in shared]
-        d_mean, d_ci, n = mean_ci(diffs) if diffs else (row[final] - mean_ci(base)[0], math.nan, 0)
+        d = np.array([mine[s] - base[s] for s in shared])
+        d_mean, d_ci, n = mean_ci(d) if len(d) else (row[final] - mean_ci(base)[0], math.nan, 0)
         row["delta"] = 0.0 if name == baseline else d_mean
         if multi:
             row["delta_ci95"] = math.nan if name == baseline else d_ci
-            row["n_paired"] = n
-            row["verdict"] = "baseline" if name == baseline else verdict(d_mean, d_ci, n, lower)
+        row["n_paired"] = n
         rows.append(row)
+        diffs.append(d)
     table = pd.DataFrame(rows)
     table["n_seeds"] = table.n_seeds.astype(int)
     if table.params.notna().all():
         table["params"] = table.params.round().astype(int)
-    if multi:
-        table["n_paired"] = table.n_paired.astype(int)
+    compared = (table.variant != baseline).to_numpy()
+    table["p_value"] = np.where(compared, [paired_p_value(d) for d in diffs], math.nan)
+    table["p_adjusted"] = holm(table.p_value)  # the baseline's NaN is left out of the family
+    m = int(table.p_value.notna().sum())
+    level = ALPHA / max(m, 1)  # the strictest Holm level: detectable even as the family's smallest p
+    table["mdd"] = [
+        mdd(d.std(ddof=1) if len(d) > 1 else math.nan, len(d), level) if c else math.nan
+        for d, c in zip(diffs, compared, strict=True)
+    ]
+    table["verdict"] = [
+        verdict(r.delta, r.p_adjusted, r.n_paired, lower) if c else "baseline"
+        for r, c in zip(table.itertuples(), compared, strict=True)
+    ]
+    note = None
+    if m == 0 and compared.any():  # no test was possible: say why and how to get one
+        why = "No variant shares 2 seeds with the baseline" if multi else "One seed per variant"
+        note = f"{why}: no verdict is possible (seed-to-seed noise is as large as typical differences). {SEEDS_ADVICE}"
     table.attrs.update(
         experiment=runs.experiment,
         parent_run_id=runs.parent_id,
@@ -336,6 +310,8 @@ def comparison_table(
         baseline=baseline,
         lower_is_better=lower,
         multi_seed=multi,
+        comparisons=m,
+        note=note,
         excluded=excluded if finished_only else [],
     )
     return table
@@ -346,6 +322,10 @@ def _num(value: Any, fmt: str) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _p(value: float) -> str:
+    return "" if math.isnan(value) else "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def _pm(mean: Any, ci: Any, fmt: str) -> str:
     text = _num(mean, fmt)
     spread = _num(ci, fmt.lstrip("+"))
@@ -353,7 +333,7 @@ def _pm(mean: Any, ci: Any, fmt: str) -> str:
 
 
 def display_frame(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as text for people: ``mean ± ci95`` cells, rounded numbers, readable headers."""
+    """The table as text for people: ``mean ± ci95`` cells, rounded numbers, compact p-values, readable headers."""
     a = table.attrs
     metric, multi = a["metric"], a.get("multi_seed", False)
     digits = ".4f" if abs(table[f"final_{metric}"]).max() < 1000 else ",.1f"
@@ -375,7 +355,10 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
     base = table.variant == a["baseline"]
     out.loc[base, cols[-1][0]] = "0 (baseline)"
     if multi:
-        out["verdict"] = table.verdict
+        out["p"] = [_p(p) for p in table.p_value]
+        out["p Holm"] = [_p(p) for p in table.p_adjusted]
+        out["mdd"] = [_num(v, digits) for v in table.mdd]
+    out["verdict"] = table.verdict
     return out
 
 
@@ -385,13 +368,23 @@ def notes(table: pd.DataFrame) -> list[str]:
     lines = [
         f"Δ = final {a['metric']} minus the baseline's ({a['baseline']}); "
         f"{'lower' if a['lower_is_better'] else 'higher'} is better. "
-        "Wall time: training, from the metric timestamps; tokens/s: mean of the logged throughput."
+        "Wall time: training, from the metric timestamps; tokens/s: tokens trained per second of training, evaluation excluded."
     ]
     if a.get("multi_seed"):
         lines.append(
             "mean ± half-width of the 95% confidence interval over seeds (Student t); Δ is paired over the seeds "
-            "both variants ran: better/worse when its 95% interval excludes 0."
+            "both variants ran; p: paired t-test of Δ = 0."
         )
+    if m := a.get("comparisons"):
+        lines += [
+            f"Verdicts are Holm-corrected over the {m} comparison{'s' * (m != 1)} at {ALPHA:.0%} family-wise error: "
+            f"better/worse when p Holm < {ALPHA}.",
+            f"mdd: minimal detectable difference; differences smaller than mdd could go undetected at {POWER:.0%} power "
+            f"(paired t-test at {ALPHA:.0%}/{m}, the strictest Holm level, with the observed spread of Δ), "
+            "so 'no clear difference' does not rule them out.",
+        ]
+    if a.get("note"):
+        lines.append(a["note"])
     if a.get("excluded"):
         lines.append(f"Left out (not finished): {'; '.join(a['excluded'])}.")
     return lines
@@ -419,9 +412,10 @@ def _plain(value: Any) -> Any:
 
 
 def to_json(table: pd.DataFrame) -> str:
-    """``{"experiment", "parent_run_id", "metric", "baseline", "lower_is_better", "rows": [...],
-    "excluded"}``: full precision, NaN as null."""
-    meta = {k: table.attrs.get(k) for k in ("experiment", "parent_run_id", "metric", "baseline", "lower_is_better")}
+    """``{"experiment", "parent_run_id", "metric", "baseline", "lower_is_better", "note", "rows": [...],
+    "excluded"}``: full precision, NaN as null; ``note`` says why there is no verdict (null when there are)."""
+    keys = ("experiment", "parent_run_id", "metric", "baseline", "lower_is_better", "note")
+    meta = {k: table.attrs.get(k) for k in keys}
     rows = [{k: _plain(v) for k, v in rec.items()} for rec in table.to_dict("records")]
     return json.dumps({**meta, "rows": rows, "excluded": table.attrs.get("excluded", [])}, indent=1) + "\n"
 
@@ -448,11 +442,8 @@ def rich_table(table: pd.DataFrame):
         out.add_column(col, justify="right" if _right(col) else "left")
     style = {"better": "green", "worse": "red", "baseline": "dim"}
     for row in shown.itertuples(index=False):
-        cells = list(row)
-        if "verdict" in shown.columns:
-            v = cells[-1]
-            cells[-1] = f"[{style[v]}]{v}[/]" if v in style else v
-        out.add_row(*cells)
+        *cells, v = row
+        out.add_row(*cells, f"[{style[v]}]{v}[/]" if v in style else v)
     return out
 
 

@@ -92,8 +92,11 @@ def plot_curves(
         handles.append(Line2D([], [], color="grey", lw=1, ls="--", alpha=0.6))
         labels.append("train loss (dashed)")
     by_time.legend(handles, labels, loc="upper right", frameon=True, fontsize=9)
-    band = " · band: min–max over seeds" if any(curves.groupby("variant").seed.nunique() > 1) else ""
-    fig.suptitle(f"{runs.experiment}: {label} by variant (mean over seeds{band})", fontsize=12)
+    counts = curves[curves.variant.isin(variants)].groupby("variant").seed.nunique()
+    fewest, most = (int(counts.min()), int(counts.max())) if len(counts) else (1, 1)
+    n = fewest if fewest == most else f"{fewest}–{most}"
+    seeds = f" (mean over {n} seeds · band: min–max over seeds)" if most > 1 else ""
+    fig.suptitle(f"{runs.experiment}: {label} by variant{seeds}", fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path

@@ -30,7 +30,18 @@ from mlflow.entities import Metric
 from gpt2exp.spec import ExperimentSpec
 
 MAX_PARAM = 6000  # MLflow's limit on a param value
-METRICS = ("train_loss", "val_loss", "val_perplexity", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen")
+METRICS = (
+    "train_loss",
+    "val_loss",
+    "val_loss_se",
+    "val_perplexity",
+    "lr",
+    "grad_norm",
+    "tokens_per_sec",
+    "mfu",
+    "tokens_seen",
+    "train_seconds",
+)
 IDS = "mlflow.json"
 for _name in ("mlflow.store.db.utils", "mlflow.system_metrics"):  # "Creating initial ... tables", "Started monitoring"
     logging.getLogger(_name).setLevel(logging.WARNING)

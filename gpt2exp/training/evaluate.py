@@ -1,15 +1,46 @@
-"""Score text a model never saw: mean next-token loss over consecutive block-size windows."""
+"""Score text a model never saw: mean next-token loss over non-overlapping block-size windows, with
+its standard error over windows."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from gpt2exp.data.loader import EvalWindows, to_device
 from gpt2exp.data.sources import DataError, find_files, read_pieces
 from gpt2exp.data.tokenizer import EOT
 from gpt2exp.model import GPT
+from gpt2exp.parallel.distributed import all_sum
+
+
+def window_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Mean next-token loss of each window: x, y (b, T) -> (b,) float32."""
+    logits, _ = model(x)  # (b, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape).mean(1)
+
+
+@torch.no_grad()
+def score_windows(
+    model: nn.Module, eval_set: EvalWindows, n_tokens: int, micro: int, device: torch.device, rank: int = 0, world_size: int = 1
+) -> tuple[float, float]:
+    """Mean loss over the first windows of the fixed evaluation set (``n_tokens`` of them, each rank
+    a disjoint share) and its standard error over windows; the same whatever ``micro`` and the world size."""
+    was_training = model.training
+    model.eval()
+    stats = [0.0, 0.0, 0.0]  # windows, sum of their losses, sum of squares
+    for x, y, rows in eval_set.batches(eval_set.count(n_tokens), micro, rank, world_size):
+        losses = window_losses(model, *to_device(x, y, device))[:rows].double()
+        stats = [stats[0] + rows, stats[1] + losses.sum().item(), stats[2] + losses.square().sum().item()]
+    model.train(was_training)
+    count, total, total_sq = all_sum(stats, device)
+    mean = total / count
+    var = max(0.0, (total_sq - count * mean * mean) / (count - 1)) if count > 1 else math.nan
+    return mean, math.sqrt(var / count)
 
 
 def tokenize_files(path: str, tokenizer: Any, max_tokens: int) -> np.ndarray:

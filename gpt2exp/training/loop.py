@@ -12,11 +12,12 @@ from typing import Any, Protocol
 
 import torch
 
-from gpt2exp.data.loader import BatchSampler, to_device
+from gpt2exp.data.loader import BatchSampler, EvalWindows, to_device
 from gpt2exp.model import GPT
 from gpt2exp.parallel.distributed import all_mean, grad_sync, wrap
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.training.checkpoint import read_state, save_final, write_state
+from gpt2exp.training.evaluate import score_windows
 from gpt2exp.training.job import Diverged, TrainJob
 from gpt2exp.training.metrics import mfu, peak_flops
 from gpt2exp.training.optim import build_optimizer, lr_at
@@ -65,8 +66,8 @@ def train(job: TrainJob, session: Session) -> dict[str, Any]:
 
 def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
     spec, t, device = job.spec, job.spec.train, session.device
-    torch.manual_seed(job.seed)  # same init on every rank and for every world size
-    raw = GPT(spec.model).to(device)
+    torch.manual_seed(job.seed)  # dropout; the weights come from (seed, parameter name) alone
+    raw = GPT(spec.model, seed=job.seed).to(device)
     flops_per_token, n_params = raw.flops_per_token(), raw.num_params()
     if logger is not None:
         logger.log_params({"n_params": n_params, "flops_per_token": flops_per_token})
@@ -76,28 +77,24 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
     if t.compile:
         model = torch.compile(model)
     sampler = BatchSampler(job.train_tokens, spec.model.block_size, t.batch_size, job.seed, session.rank, session.world_size)
-    val_sampler = BatchSampler(job.val_tokens, spec.model.block_size, t.batch_size, job.seed, session.rank, session.world_size)
+    eval_set = EvalWindows(job.val_tokens, spec.model.block_size)
     micro, accum = spec.micro_batch_size, spec.grad_accum_steps
     tokens_per_step = t.batch_size * spec.model.block_size
+    final_eval_tokens = t.final_eval_budget(job.total_steps * tokens_per_step)
     peak = peak_flops(device, spec.parallel.peak_flops)
     ckpt_every = t.checkpoint_interval or t.eval_interval
 
     meta = session.restore(lambda folder: read_state(folder, raw, optimizer)) or {}
     start = meta.get("step", 0)
     last: dict[str, Any] = dict(meta.get("metrics", {}))
+    train_s = float(meta.get("train_seconds", 0.0))  # time in training steps: evaluation and checkpoints excluded
 
-    def evaluate() -> float:
-        model.eval()
-        losses = []
-        with torch.no_grad(), _autocast(spec, device):
-            for i in range(t.eval_batches):
-                x, y = to_device(*val_sampler.eval_batch(i), device)
-                losses.append(model(x[:micro], y[:micro])[1].item())
-        model.train()
-        return all_mean([sum(losses) / len(losses)], device)[0]
+    def evaluate(n_tokens: int) -> tuple[float, float]:
+        with _autocast(spec, device):
+            return score_windows(model, eval_set, n_tokens, micro, device, session.rank, session.world_size)
 
     model.train()
-    t_log, steps_since_log = time.perf_counter(), 0
+    clock, interval_s, steps_since_log = time.perf_counter(), 0.0, 0
     for step in range(start, job.total_steps):
         lr = lr_at(step, job.total_steps, t)
         for group in optimizer.param_groups:
@@ -121,12 +118,16 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
         is_last = done == job.total_steps
         checkpoint_due = done % ckpt_every == 0 and not is_last
         record: dict[str, Any] = {}
-        if done % t.log_interval == 0 or done % t.eval_interval == 0 or is_last:
-            train_loss = all_mean([loss_sum.item() / accum], device)[0]
+        logging = done % t.log_interval == 0 or done % t.eval_interval == 0 or is_last
+        if logging:
+            train_loss = all_mean([loss_sum.item() / accum], device)[0]  # waits for the step to finish
             if not math.isfinite(train_loss):
                 raise Diverged(f"{job.key}: loss is {train_loss} at step {done}; the last good checkpoint is kept")
+        if logging or checkpoint_due:  # a stretch of training ends here
             now = time.perf_counter()
-            tps = tokens_per_step * steps_since_log / (now - t_log)
+            train_s, interval_s = train_s + now - clock, interval_s + now - clock
+        if logging:
+            tps = tokens_per_step * steps_since_log / interval_s
             record = dict(
                 step=done,
                 train_loss=train_loss,
@@ -134,27 +135,42 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
                 grad_norm=grad_norm,
                 tokens_per_sec=tps,
                 tokens_seen=done * tokens_per_step,
+                train_seconds=train_s,
                 mfu=mfu(flops_per_token, tps, peak, session.world_size),
             )
-            if done % t.eval_interval == 0 or is_last:
-                record["val_loss"] = evaluate()
+            if done % t.eval_interval == 0 or is_last:  # the last evaluation scores more of the same windows
+                record["val_loss"], record["val_loss_se"] = evaluate(final_eval_tokens if is_last else t.eval_tokens)
                 record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
             last.update(record)
             session.emit({**record, "event": "step", "total_steps": job.total_steps})
             if logger is not None and not checkpoint_due:  # a checkpoint step logs its record with the checkpoint
                 logger.log(record)
-            t_log, steps_since_log = time.perf_counter(), 0
+            interval_s, steps_since_log = 0.0, 0
         if checkpoint_due:
-            state = {"step": done, "metrics": dict(last), "experiment": job.experiment, "variant": job.variant, "seed": job.seed}
+            state = {
+                "step": done,
+                "metrics": dict(last),
+                "train_seconds": train_s,
+                "experiment": job.experiment,
+                "variant": job.variant,
+                "seed": job.seed,
+            }
             where = session.checkpoint(
                 lambda folder, state=state: write_state(folder, raw, optimizer, state), {**last, "step": done}
             )
             if logger is not None:
                 logger.checkpoint(done, record, where)
-            t_log = time.perf_counter()  # checkpoint time is not training throughput
+        if logging or checkpoint_due:
+            clock = time.perf_counter()  # evaluation and checkpoint time is not training time
     save_final(Path(job.run_dir) / "final", raw, spec.model)  # raw: FSDP2 shards it in place
     if logger is not None:
         logger.final_model(Path(job.run_dir) / "final", job.total_steps)
-    summary = {**last, "params": n_params, "flops_per_token": flops_per_token, "world_size": session.world_size}
+    summary = {
+        **last,
+        "tokens_per_sec": last["tokens_seen"] / train_s,  # the run's throughput: tokens per second of training
+        "params": n_params,
+        "flops_per_token": flops_per_token,
+        "world_size": session.world_size,
+    }
     session.emit({**summary, "event": "done", "total_steps": job.total_steps})
     return summary
