@@ -103,7 +103,6 @@ def run(
         raise fail(str(e), 2) from None
     except KeyboardInterrupt:
         raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {out_dir}", 130) from None
-    print_results(results)
     console.print(f"results: {out_dir / 'results.csv'}")
     failed = [
         f"{r.variant} (seed {r.seed}): {r.status}" + (f" ({r.error})" if isinstance(r.error, str) else "")
@@ -133,9 +132,8 @@ def compare(
     ] = False,
 ) -> None:
     """Compare the variants of an experiment from MLflow: one row per variant, mean ± 95% CI over seeds."""
-    from gpt2exp.report import FORMATS, ReportError, default_tracking_uri, load_runs, render, rich_table, write_report
+    from gpt2exp.report import FORMATS, ReportError, default_tracking_uri, load_runs, print_table, render, write_report
     from gpt2exp.report import comparison_table as make_table
-    from gpt2exp.report.compare import notes
 
     if format_ not in FORMATS:
         raise fail(f"--format {format_!r}: use one of {', '.join(FORMATS)}", 2)
@@ -148,45 +146,17 @@ def compare(
         tracking_uri = tracking_uri or spec_tracking_uri(spec, output)
     uri = tracking_uri or default_tracking_uri(output)
     try:
-        table = make_table(load_runs(uri, name, run_id), metric, baseline, finished_only=not include_unfinished)
-        paths = (
-            write_report(uri, name, folder, metric, parent_run_id=table.attrs["parent_run_id"], baseline=baseline)
-            if report
-            else None
-        )
+        runs = load_runs(uri, name, run_id)
+        table = make_table(runs, metric, baseline, finished_only=not include_unfinished)
+        paths = write_report(runs, table, folder) if report else None
     except ReportError as e:
         raise fail(str(e)) from None
     if format_ == "table":
-        console.print(rich_table(table))
-        for line in notes(table):
-            console.print(line, style="dim", highlight=False, markup=False)
+        print_table(console, table)
     else:
         sys.stdout.write(render(table, format_))
     if paths:
         (console if format_ == "table" else err_console).print(f"report: {paths['html']}", highlight=False)  # csv/json stay clean
-
-
-def print_results(results) -> None:
-    """The final table: one row per run."""
-    table = Table(title="results")
-    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "perplexity", "tokens/s", "wall s", "status")
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("variant", "status") else "right")
-    num = lambda v, f: "" if v is None or v != v else format(v, f)
-    for r in results.itertuples():
-        table.add_row(
-            str(r.variant),
-            str(r.seed),
-            num(r.params, ",.0f"),
-            num(r.tokens, ",.0f"),
-            num(r.train_loss, ".4f"),
-            num(r.val_loss, ".4f"),
-            num(r.val_perplexity, ".2f"),
-            num(r.tokens_per_sec, ",.0f"),
-            num(r.wall_s, ".1f"),
-            str(r.status),
-        )
-    console.print(table)
 
 
 @app.command()

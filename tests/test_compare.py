@@ -57,7 +57,8 @@ def experiment(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     spec = validate_spec(raw)
     out = tmp / "out"
     plan = make_plan(spec, out, show_progress=False)
-    results = run_plan(plan, "local", show_progress=False)
+    console = Console(record=True, width=250)
+    results = run_plan(plan, "local", console, show_progress=False)
     assert set(results.status) == {"completed"}, results
     uri = tracking_uri(spec, out)
     client = MlflowClient(uri)
@@ -65,7 +66,27 @@ def experiment(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    return {"uri": uri, "parent": parents[0].info.run_id, "plan": plan, "client": client, "children": children, "tmp": tmp}
+    return {
+        "uri": uri,
+        "parent": parents[0].info.run_id,
+        "plan": plan,
+        "client": client,
+        "children": children,
+        "tmp": tmp,
+        "printed": console.export_text(),
+    }
+
+
+def test_run_prints_its_runs_then_the_verdicts(experiment: dict) -> None:
+    """What `gpt2exp run` ends with: the table of runs, then the comparison with corrected verdicts."""
+    printed = experiment["printed"]
+    runs, comparison = printed.index("runs"), printed.index("val_loss by variant")
+    assert runs < comparison < printed.index("Holm-corrected") < printed.index("report: ")
+    assert (
+        "p Holm" in printed
+        and "mdd" in printed
+        and ("no clear difference" in printed or "better" in printed or "worse" in printed)
+    )
 
 
 def expected_finals(experiment: dict, metric: str = "val_loss") -> dict[str, dict[int, tuple[float, float]]]:
@@ -225,7 +246,8 @@ def test_rich_table_renders(table: pd.DataFrame) -> None:
 
 def test_report_files_logged_on_parent_run(experiment: dict) -> None:
     out = experiment["tmp"] / "report_out"
-    paths = write_report(experiment["uri"], "cmp", out)
+    runs = load_runs(experiment["uri"], "cmp")
+    paths = write_report(runs, comparison_table(runs), out)
     assert set(paths) == {"markdown", "html", "plot"} and all(p.parent == out / "report" for p in paths.values())
     assert paths["plot"].name == "val_loss.png" and paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = paths["html"].read_text()

@@ -63,6 +63,8 @@ def test_shipped_pipelines_are_valid() -> None:
         "n_kv_head=1",
     ]
     assert attention.data == study.stage("data").data
+    for stage in ("attention", "positions"):  # a verdict needs seeds
+        assert len(set(study.stage(stage).experiment.train.run_seeds)) >= 3
     same = {"data", "model", "train", "parallel"}  # one table compares all eight variants: same base, same budget
     learned = next(v.spec for v in study.stage("positions").experiment.expand() if v.name == "positional=learned")
     assert attention.expand()[0].spec.model_dump(include=same) == learned.model_dump(include=same)

@@ -35,6 +35,7 @@ def test_shipped_experiments_validate(path: Path) -> None:
     spec = load_spec(path)
     assert len(spec.expand()) >= 2
     assert spec.baseline_name in [v.name for v in spec.expand()]
+    assert len(set(spec.train.run_seeds)) >= 3  # a verdict needs seeds
 
 
 def test_gqa_grid_expands_to_named_validated_variants() -> None:

@@ -173,6 +173,7 @@ def tiny(corpus: Path, *more: str) -> list[str]:
         "train.max_steps=6",
         "train.eval_interval=3",
         "train.eval_tokens=256",
+        "train.seeds=[1]",
         "model.n_layer=1",
         "tracking.system_metrics=false",
         "data.builtin=null",
@@ -228,7 +229,7 @@ def test_submit_follow_runs_the_quickstart_and_logs_to_the_mlflow_server(
     children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
     assert len(parents) == 1 and len(children) == 2, [(run.info.run_name, run.data.tags) for run in runs]
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parents[0].info.run_id}
-    assert {run.data.tags["gpt2exp.variant"] for run in children} == {"gpt2", "gqa_rope"}
+    assert {run.data.tags["gpt2exp.variant"] for run in children} == {"mha", "gqa"}
     assert all(run.info.status == "FINISHED" for run in runs)
     assert all("val_loss" in run.data.metrics for run in children)
     assert (out / "quickstart" / "results.csv").is_file()  # --output: the folder as the (local) cluster sees it

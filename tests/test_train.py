@@ -70,13 +70,14 @@ def test_local_run_learns_and_writes_results(reference: tuple[pd.DataFrame, obje
     results, plan = reference
     assert list(results.variant) == ["mha", "mqa_rope"] and set(results.status) == {"completed"}
     saved = pd.read_csv(plan.out_dir / "results.csv")
-    assert list(saved.columns[:10]) == [
+    assert list(saved.columns[:11]) == [
         "variant",
         "seed",
         "params",
         "tokens",
         "train_loss",
         "val_loss",
+        "val_loss_se",
         "val_perplexity",
         "tokens_per_sec",
         "wall_s",
@@ -200,4 +201,7 @@ def test_quickstart_spec_is_cpu_sized() -> None:
     from gpt2exp import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml")
-    assert len(spec.expand()) == 2 and spec.train.max_steps * spec.train.batch_size * spec.model.block_size <= 200_000
+    per_run = spec.train.max_steps * spec.train.batch_size * spec.model.block_size
+    assert len(spec.expand()) == 2 and len(spec.train.run_seeds) * per_run <= 200_000
+    one_factor = [v.overrides for v in spec.expand()]
+    assert one_factor == [{}, {"model.n_kv_head": 2}]  # attention alone: a difference has one cause

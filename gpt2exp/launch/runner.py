@@ -37,6 +37,7 @@ RESULT_COLUMNS = [
     "tokens",
     "train_loss",
     "val_loss",
+    "val_loss_se",
     "val_perplexity",
     "tokens_per_sec",
     "wall_s",
@@ -49,7 +50,8 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
     """The status record of a finished attempt (written to the run folder)."""
     if error is None:
         assert summary is not None
-        fields = {k: summary.get(k) for k in ("params", "train_loss", "val_loss", "val_perplexity", "tokens_per_sec", "mfu")}
+        keys = ("params", "train_loss", "val_loss", "val_loss_se", "val_perplexity", "tokens_per_sec", "mfu")
+        fields = {k: summary.get(k) for k in keys}
         return write_status(job, "completed", tokens=summary.get("tokens_seen"), wall_s=wall_s, **fields)
     status = "diverged" if isinstance(error, Diverged) else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
     text = str(error) or type(error).__name__
@@ -170,28 +172,53 @@ def execute(
         results = write_results(plan)
         if tracker is not None:
             finish_tracking(plan, tracker, results, console or Console())
-    if tracker is not None and int(os.environ.get("RANK", 0)) == 0:
-        write_run_report(plan, tracker, console)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all ranks
+        print_results(console or Console(), results)
+        if tracker is not None:
+            write_run_report(plan, tracker, console)
     return results
 
 
+def print_results(console: Console, results: pd.DataFrame) -> None:
+    """The table of runs: one row per variant and seed (the comparison of variants follows it)."""
+    from rich.table import Table
+
+    table = Table(title="runs")
+    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "± se", "perplexity", "tokens/s", "wall s", "status")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("variant", "status") else "right")
+    num = lambda v, f: "" if v is None or v != v else format(v, f)
+    for r in results.itertuples():
+        table.add_row(
+            str(r.variant),
+            str(r.seed),
+            num(r.params, ",.0f"),
+            num(r.tokens, ",.0f"),
+            num(r.train_loss, ".4f"),
+            num(r.val_loss, ".4f"),
+            num(r.val_loss_se, ".4f"),
+            num(r.val_perplexity, ".2f"),
+            num(r.tokens_per_sec, ",.0f"),
+            num(r.wall_s, ".1f"),
+            str(r.status),
+        )
+    console.print(table)
+
+
 def write_run_report(plan: Plan, tracker: ExperimentTracker, console: Console | None) -> None:
-    """The comparison report (<out_dir>/report/report.md/.html/.png, logged on the parent run); a report
-    that cannot be made is a warning: the training results stand."""
-    from gpt2exp.report import write_report
+    """Print the comparison (verdicts) and write its report (<out_dir>/report/report.md/.html/.png, logged
+    on the parent run); a report that cannot be made is a warning: the training results stand."""
+    from gpt2exp.report import comparison_table, load_runs, print_table, write_report
 
     out = console or Console(stderr=True)
     try:
-        paths = write_report(
-            tracker.uri,
-            plan.spec.tracking.experiment_name or plan.spec.name,
-            plan.out_dir,
-            parent_run_id=tracker.parent_id,
-            baseline=plan.spec.baseline,
-        )
+        runs = load_runs(tracker.uri, plan.spec.tracking.experiment_name or plan.spec.name, tracker.parent_id)
+        table = comparison_table(runs, baseline=plan.spec.baseline)
+        paths = write_report(runs, table, plan.out_dir)
     except Exception as e:  # e.g. ReportError: every run failed, or none reached an evaluation
         out.print(f"[yellow]no comparison report:[/] {type(e).__name__}: {e}", highlight=False)
         return
+    print_table(out, table)
     out.print(f"report: {paths['html']}", highlight=False)
 
 

@@ -101,17 +101,14 @@ def _runs(stage: CompareStage | RegisterStage, ctx: Context) -> Any:
 
 
 def compare_stage(stage: CompareStage, ctx: Context) -> dict[str, Any]:
-    from gpt2exp.report import comparison_table, report_files, rich_table
-    from gpt2exp.report.compare import notes
+    from gpt2exp.report import comparison_table, print_table, report_files
 
     runs = _runs(stage, ctx)
     table = comparison_table(runs, stage.metric, stage.baseline)
     paths = report_files(runs, ctx.folder, table)
     for path in paths.values():
         ctx.run.client.log_artifact(ctx.run.run_id, str(path), ctx.artifact_path(stage))
-    ctx.console.print(rich_table(table))
-    for line in notes(table):
-        ctx.console.print(line, style="dim", highlight=False, markup=False)
+    print_table(ctx.console, table)
     final = table[f"final_{stage.metric}"]
     winner = table.variant[final.idxmin() if table.attrs["lower_is_better"] else final.idxmax()]
     return {"report": str(paths["html"]), "artifacts": ctx.artifact_path(stage), "best_variant": winner}

@@ -487,24 +487,21 @@ th {{ background: #f4f4f4; }} .r {{ text-align: right; }} .l {{ text-align: left
 """
 
 
-def write_report(
-    tracking_uri: str,
-    experiment: str,
-    out_dir: str | Path,
-    metric: str = "val_loss",
-    *,
-    parent_run_id: str | None = None,
-    baseline: str | None = None,
-    log: bool = True,
-) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` and ``<metric>.png`` under ``out_dir/report`` and (``log``)
-    log them on the parent run under ``report/``. Returns ``{"markdown", "html", "plot"}`` paths."""
-    runs = load_runs(tracking_uri, experiment, parent_run_id)
-    paths = report_files(runs, Path(out_dir) / "report", comparison_table(runs, metric, baseline))
+def write_report(runs: Runs, table: pd.DataFrame, out_dir: str | Path, log: bool = True) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and ``<metric>.png`` of ``table`` under ``out_dir/report`` and
+    (``log``) log them on the parent run under ``report/``. Returns ``{"markdown", "html", "plot"}`` paths."""
+    paths = report_files(runs, Path(out_dir) / "report", table)
     if log:
         for path in paths.values():
             runs.client.log_artifact(runs.parent_id, str(path), "report")
     return paths
+
+
+def print_table(console: Any, table: pd.DataFrame) -> None:
+    """The table and the notes that say how to read it, on a ``rich`` console."""
+    console.print(rich_table(table))
+    for line in notes(table):
+        console.print(line, style="dim", highlight=False, markup=False)
 
 
 def report_files(runs: Runs, folder: Path, table: pd.DataFrame) -> dict[str, Path]:

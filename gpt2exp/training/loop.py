@@ -118,15 +118,15 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
         is_last = done == job.total_steps
         checkpoint_due = done % ckpt_every == 0 and not is_last
         record: dict[str, Any] = {}
-        logging = done % t.log_interval == 0 or done % t.eval_interval == 0 or is_last
-        if logging:
+        log_due = done % t.log_interval == 0 or done % t.eval_interval == 0 or is_last
+        if log_due:
             train_loss = all_mean([loss_sum.item() / accum], device)[0]  # waits for the step to finish
             if not math.isfinite(train_loss):
                 raise Diverged(f"{job.key}: loss is {train_loss} at step {done}; the last good checkpoint is kept")
-        if logging or checkpoint_due:  # a stretch of training ends here
+        if log_due or checkpoint_due:  # a stretch of training ends here
             now = time.perf_counter()
             train_s, interval_s = train_s + now - clock, interval_s + now - clock
-        if logging:
+        if log_due:
             tps = tokens_per_step * steps_since_log / interval_s
             record = dict(
                 step=done,
@@ -160,7 +160,7 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
             )
             if logger is not None:
                 logger.checkpoint(done, record, where)
-        if logging or checkpoint_due:
+        if log_due or checkpoint_due:
             clock = time.perf_counter()  # evaluation and checkpoint time is not training time
     save_final(Path(job.run_dir) / "final", raw, spec.model)  # raw: FSDP2 shards it in place
     if logger is not None:
