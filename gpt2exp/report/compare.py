@@ -35,6 +35,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from gpt2exp.errors import Gpt2expError
 from gpt2exp.report.stats import ALPHA, POWER, holm, mdd, mean_ci, paired_p_value, verdict
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -42,7 +43,7 @@ HIGHER_IS_BETTER = ("tokens_per_sec", "mfu", "tokens_seen", "accuracy")  # any o
 SEEDS_ADVICE = "Run at least 3 seeds: `train.seeds: [1, 2, 3]` in the spec, or `--set 'train.seeds=[1,2,3]'`."
 
 
-class ReportError(ValueError):
+class ReportError(Gpt2expError, ValueError):
     """A comparison that cannot be made: the message is one line, fit for the terminal."""
 
 
@@ -439,7 +440,7 @@ def rich_table(table: pd.DataFrame):
     shown = display_frame(table)
     out = Table(title=f"{a['experiment']}: {a['metric']} by variant (parent run {a['parent_run_id'][:8]})")
     for col in shown.columns:
-        out.add_column(col, justify="right" if _right(col) else "left")
+        out.add_column(col, justify="right" if _right(col) else "left", no_wrap=col == "variant")
     style = {"better": "green", "worse": "red", "baseline": "dim"}
     for row in shown.itertuples(index=False):
         *cells, v = row
