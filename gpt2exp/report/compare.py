@@ -513,7 +513,7 @@ def report_files(runs: Runs, folder: Path, table: pd.DataFrame) -> dict[str, Pat
     metric = table.attrs["metric"]
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"{metric.replace('/', '_')}.png"
-    plot_curves(runs, metric, png, variants=list(table.variant))
+    plot_curves(runs, metric, png, variants=list(table.variant), table=table)
     md = folder / "report.md"
     md.write_text(
         f"# {runs.experiment}: comparison of variants\n\n"

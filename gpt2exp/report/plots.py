@@ -1,5 +1,7 @@
 """The report's figure: a metric against tokens seen and against training time, one line per
-variant (mean over seeds, shaded min–max band with several seeds), train loss faint and dashed.
+variant (mean over seeds, shaded min–max band with several seeds), train loss faint and dashed;
+with a comparison table, a third panel shows each variant's difference to the baseline with its 95%
+interval, coloured by the corrected verdict.
 
 Drawn with matplotlib's object API on an Agg canvas: no pyplot, no global backend change."""
 
@@ -48,16 +50,22 @@ def plot_curves(
     variants: list[str] | None = None,
     train_loss: bool = True,
     finished_only: bool = True,
+    table: pd.DataFrame | None = None,
 ) -> Path:
-    """Write the two-panel PNG to ``path`` (metric vs tokens seen, metric vs training seconds)."""
+    """Write the PNG to ``path``: metric vs tokens seen, metric vs training seconds and, given the
+    comparison ``table``, the differences to the baseline (:func:`plot_deltas`)."""
     path = Path(path)
     curves = variant_curves(runs, metric, finished_only)
     train = variant_curves(runs, "train_loss", finished_only) if train_loss and metric == "val_loss" else None
     variants = [v for v in (variants or runs.variants) if v in set(curves.variant)]
 
-    fig = Figure(figsize=(12, 4.8), dpi=120, layout="constrained")
+    fig = Figure(figsize=(12 if table is None else 17, 4.8), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    by_tokens, by_time = fig.subplots(1, 2, sharey=True)
+    axes = fig.subplots(1, 2 if table is None else 3, width_ratios=None if table is None else [1, 1, 0.75])
+    by_tokens, by_time = axes[0], axes[1]
+    by_time.sharey(by_tokens)
+    if table is not None:
+        plot_deltas(axes[2], table)
     colors = [f"C{i % 10}" for i in range(len(variants))]
     lows, highs = [], []
     for name, color in zip(variants, colors, strict=True):
@@ -100,3 +108,30 @@ def plot_curves(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+VERDICT_COLORS = {"better": "#17803d", "worse": "#b42318"}
+
+
+def plot_deltas(ax, table: pd.DataFrame) -> None:
+    """Each variant's final metric minus the baseline's (paired mean over seeds) with its 95% interval,
+    green/red when the Holm-corrected verdict is better/worse, grey otherwise; p Holm beside it."""
+    a = table.attrs
+    rows = table[table.variant != a["baseline"]].iloc[::-1]  # the spec's order, top to bottom
+    y = list(range(len(rows)))
+    ci = rows["delta_ci95"] if "delta_ci95" in rows else pd.Series(float("nan"), index=rows.index)
+    for yi, r, half in zip(y, rows.itertuples(), ci, strict=True):
+        color = VERDICT_COLORS.get(r.verdict, "grey")
+        ax.errorbar(r.delta, yi, xerr=None if pd.isna(half) else half, fmt="o", color=color, capsize=4, ms=6)
+        note = r.verdict if pd.isna(r.p_adjusted) else f"{r.verdict} (p Holm {r.p_adjusted:.2g})"
+        ax.annotate(note, (r.delta, yi), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8, color=color)
+    ax.axvline(0.0, color="black", lw=1)
+    ax.set_yticks(y, list(rows.variant), fontsize=9)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(f"Δ final {a['metric'].replace('_', ' ')} vs {a['baseline']}")
+    ax.grid(True, axis="x", alpha=0.3)
+    better = "lower" if a["lower_is_better"] else "higher"
+    ax.set_title(
+        "no verdict: fewer than 2 paired seeds" if a.get("note") else f"paired over seeds, 95% CI ({better} is better)",
+        fontsize=10,
+    )
