@@ -8,39 +8,52 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
+from gpt2exp.errors import check_inside, describe
+from gpt2exp.pipeline.spec import PipelineSpec, load_pipeline
 from gpt2exp.spec import ExperimentSpec, SpecError, load_spec
 
-if TYPE_CHECKING:
-    from gpt2exp.pipeline.spec import PipelineSpec
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Compare GPT-2 variants from one YAML spec.")
 console = Console() if sys.stdout.isatty() else Console(width=160)  # piped output: no truncated tables
 err_console = Console(stderr=True)
 
-SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: a.b.c=value (repeatable).")]
-
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` on stderr and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-def read_spec(path: Path, overrides: list[str] | None) -> ExperimentSpec:
-    """Load and validate a spec; a bad one prints ``FILE: field.path: reason`` lines and exits 2."""
-    try:
-        return load_spec(path, overrides or [])
-    except SpecError as e:
-        for line in e.lines():
-            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(2) from None
+class OneErrorPath(TyperGroup):
+    """The top-level group: whatever a command raises ends as ``error: ...`` (a bad spec: its
+    ``FILE: path: reason`` lines) and exit code 1 or 2 (see ``gpt2exp.errors.describe``), Ctrl-C as
+    one line and exit code 130; a traceback only with ``GPT2EXP_DEBUG=1``."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except Exception as e:
+            if type(e).__module__.split(".")[0] in ("typer", "click") or os.environ.get("GPT2EXP_DEBUG") == "1":
+                raise  # exits and usage errors are Typer's to handle; debugging: the traceback
+            if isinstance(e, SpecError):
+                for line in e.lines():
+                    err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+                raise typer.Exit(e.code) from None
+            raise fail(*describe(e)) from None
+
+
+app = typer.Typer(cls=OneErrorPath, no_args_is_help=True, add_completion=False, help="Compare GPT-2 variants from one YAML spec.")
+
+SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: a.b.c=value (repeatable).")]
 
 
 def _human(n: float) -> str:
@@ -53,20 +66,17 @@ def _human(n: float) -> str:
 
 @app.command()
 def validate(spec_file: SpecArg, set_: SetOpt = None) -> None:
-    """Validate a spec and print its expanded variants."""
-    import torch
+    """Validate a spec and print its expanded variants (sizes computed from the spec: no model is built)."""
+    from gpt2exp.model.size import flops_per_token, num_params
 
-    from gpt2exp.model import GPT
-
-    spec = read_spec(spec_file, set_)
-    table = Table(title=f"{spec.name}: {len(spec.expand())} variant(s) × {len(spec.train.run_seeds)} seed(s)")
+    spec = load_spec(spec_file, set_ or [])
+    variants = spec.expand()
+    table = Table(title=f"{spec.name}: {len(variants)} variant(s) × {len(spec.train.run_seeds)} seed(s)")
     for col in ("variant", "attention", "positions", "parameters", "FLOPs/token"):
         table.add_column(col, justify="right" if col in ("parameters", "FLOPs/token") else "left")
-    for v in spec.expand():
-        with torch.device("meta"):
-            model = GPT(v.spec.model)
+    for v in variants:
         m = v.spec.model
-        table.add_row(v.name, m.attention_kind, m.positional, f"{model.num_params():,}", _human(model.flops_per_token()))
+        table.add_row(v.name, m.attention_kind, m.positional, f"{num_params(m):,}", _human(flops_per_token(m)))
     console.print(table)
     t, p = spec.train, spec.parallel
     budget = f"{t.max_steps} steps" if t.max_steps else f"{t.max_tokens:,} tokens" if t.max_tokens else f"{t.max_epochs} epochs"
@@ -87,20 +97,17 @@ def run(
     progress: Annotated[bool, typer.Option(help="Live progress table.")] = True,
 ) -> None:
     """Train every variant of a spec and print the results table."""
-    from gpt2exp.data.prepare import DataError
     from gpt2exp.launch.plan import experiment_dir
     from gpt2exp.launch.runner import run_experiment
 
     overrides = list(set_ or []) + ([f"parallel.launcher={launcher}"] if launcher else [])
-    spec = read_spec(spec_file, overrides)
+    spec = load_spec(spec_file, overrides)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all ranks
         console.quiet = True
         progress = False
     out_dir = experiment_dir(spec, output)
     try:
         _, results = run_experiment(spec, output, console, show_progress=progress)
-    except DataError as e:
-        raise fail(str(e), 2) from None
     except KeyboardInterrupt:
         raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {out_dir}", 130) from None
     console.print(f"results: {out_dir / 'results.csv'}")
@@ -132,7 +139,7 @@ def compare(
     ] = False,
 ) -> None:
     """Compare the variants of an experiment from MLflow: one row per variant, mean ± 95% CI over seeds."""
-    from gpt2exp.report import FORMATS, ReportError, default_tracking_uri, load_runs, print_table, render, write_report
+    from gpt2exp.report import FORMATS, default_tracking_uri, load_runs, print_table, render, write_report
     from gpt2exp.report import comparison_table as make_table
 
     if format_ not in FORMATS:
@@ -141,16 +148,13 @@ def compare(
     if experiment.endswith((".yaml", ".yml")) and Path(experiment).is_file():
         from gpt2exp.tracking.runs import tracking_uri as spec_tracking_uri
 
-        spec = read_spec(Path(experiment), None)
+        spec = load_spec(experiment)
         name, folder = spec.tracking.experiment_name or spec.name, output / spec.name
         tracking_uri = tracking_uri or spec_tracking_uri(spec, output)
     uri = tracking_uri or default_tracking_uri(output)
-    try:
-        runs = load_runs(uri, name, run_id)
-        table = make_table(runs, metric, baseline, finished_only=not include_unfinished)
-        paths = write_report(runs, table, folder) if report else None
-    except ReportError as e:
-        raise fail(str(e)) from None
+    runs = load_runs(uri, name, run_id)
+    table = make_table(runs, metric, baseline, finished_only=not include_unfinished)
+    paths = write_report(runs, table, check_inside(output, folder)) if report else None
     if format_ == "table":
         print_table(console, table)
     else:
@@ -264,14 +268,10 @@ def evaluate(
     """Score new text with a model: loss, perplexity and tokens, same tokenizer and block size."""
     import math
 
-    from gpt2exp.data.sources import DataError
     from gpt2exp.training.evaluate import score_files
 
     model, enc = open_model(model_uri, pretrained, output, tracking_uri)
-    try:
-        loss, n_tokens = score_files(model, enc, str(data), max_tokens, batch_size)
-    except DataError as e:
-        raise fail(str(e), 2) from None
+    loss, n_tokens = score_files(model, enc, str(data), max_tokens, batch_size)
     console.print(
         f"loss {loss:.4f} · perplexity {math.exp(loss):.2f} · {n_tokens:,} tokens scored (block {model.spec.block_size})"
     )
@@ -288,16 +288,11 @@ def ui(
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the UI in the default web browser.")] = False,
 ) -> None:
     """Serve the MLflow UI over the project's store (one worker, this machine only) until Ctrl-C."""
-    from rich.markup import escape
-
     from gpt2exp.tracking.runs import project_store, store_uri
-    from gpt2exp.tracking.ui import UIError, serve_ui
+    from gpt2exp.tracking.ui import serve_ui
 
     own, uri = project_store(output), store_uri(output, tracking_uri)
-    try:
-        code = serve_ui(uri, output / "mlartifacts" if uri == own else None, host=host, port=port, open_browser=open_browser)
-    except UIError as e:
-        raise fail(escape(str(e))) from None  # escape: the server's log lines may contain [brackets]
+    code = serve_ui(uri, output / "mlartifacts" if uri == own else None, host=host, port=port, open_browser=open_browser)
     raise typer.Exit(code)
 
 
@@ -312,16 +307,6 @@ AddressOpt = Annotated[
     ),
 ]
 JobIdArg = Annotated[str, typer.Argument(help="Submission id (`gpt2exp jobs list` shows them).", show_default=False)]
-
-
-def on_cluster(call, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201, RUF100
-    """Run a ``gpt2exp.launch.submit`` call; its SubmitError becomes a one-line error and exit code."""
-    from gpt2exp.launch.submit import SubmitError
-
-    try:
-        return call(*args, **kwargs)
-    except SubmitError as e:
-        raise fail(e.message, e.code) from None
 
 
 def note(text: str) -> None:
@@ -355,7 +340,7 @@ def send_job(
     call: Callable[..., str], *args: Any, follow: bool, working_dir: Path | None, exclude: list[str] | None, **options: Any
 ) -> None:
     """Submit through ``call`` (``gpt2exp.launch.submit``), then print the id (stdout) or the final status."""
-    sid = on_cluster(call, *args, follow=follow, working_dir=working_dir, excludes=exclude or [], say=note, **options)
+    sid = call(*args, follow=follow, working_dir=working_dir, excludes=exclude or [], say=note, **options)
     if follow:
         console.print(f"job {sid} SUCCEEDED", highlight=False)
     else:
@@ -377,7 +362,7 @@ def submit(
     """Run an experiment on a Ray cluster as a Ray Job: the project folder, the effective spec, its environment."""
     from gpt2exp.launch.submit import submit as submit_job
 
-    read_spec(spec_file, [*(set_ or []), "parallel.launcher=ray"])  # a bad spec: FILE: field: reason lines, exit 2
+    load_spec(spec_file, [*(set_ or []), "parallel.launcher=ray"])  # a bad spec: FILE: field: reason lines, exit 2
     send_job(
         submit_job,
         spec_file,
@@ -404,7 +389,7 @@ def jobs_list(
     """The cluster's gpt2exp jobs, oldest first."""
     from gpt2exp.launch.submit import connect, jobs_table, list_jobs
 
-    console.print(jobs_table(on_cluster(list_jobs, on_cluster(connect, address), all_)))
+    console.print(jobs_table(list_jobs(connect(address), all_)))
 
 
 @jobs_app.command("status")
@@ -412,7 +397,7 @@ def jobs_status(submission_id: JobIdArg, address: AddressOpt = None) -> None:
     """A job's status, Ray's message, and where its experiment writes."""
     from gpt2exp.launch.submit import connect, describe_job, job_details
 
-    for line in describe_job(on_cluster(job_details, on_cluster(connect, address), submission_id)):
+    for line in describe_job(job_details(connect(address), submission_id)):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
@@ -427,12 +412,12 @@ def jobs_logs(
     """A job's logs (driver stdout and stderr)."""
     from gpt2exp.launch.submit import connect, follow_job, job_logs
 
-    cluster = on_cluster(connect, address)
+    cluster = connect(address)
     if follow:
-        on_cluster(follow_job, cluster, submission_id)
+        follow_job(cluster, submission_id)
         console.print(f"job {submission_id} SUCCEEDED", highlight=False)
     else:
-        sys.stdout.write(on_cluster(job_logs, cluster, submission_id))
+        sys.stdout.write(job_logs(cluster, submission_id))
 
 
 @jobs_app.command("stop")
@@ -440,7 +425,7 @@ def jobs_stop(submission_id: JobIdArg, address: AddressOpt = None) -> None:
     """Stop a job (its driver and Ray Train workers); finished runs and registered checkpoints stay."""
     from gpt2exp.launch.submit import connect, stop_job
 
-    info = on_cluster(stop_job, on_cluster(connect, address), submission_id)
+    info = stop_job(connect(address), submission_id)
     console.print(f"{submission_id}: {info.status}", highlight=False)
 
 
@@ -449,18 +434,6 @@ pipeline_app = typer.Typer(
 )
 app.add_typer(pipeline_app, name="pipeline")
 PipelineArg = Annotated[Path, typer.Argument(help="Pipeline file (YAML).", show_default=False)]
-
-
-def read_pipeline(path: Path) -> PipelineSpec:
-    """Load and validate a pipeline (its experiment specs included); a bad one prints ``FILE: field: reason`` lines, exits 2."""
-    from gpt2exp.pipeline.spec import load_pipeline
-
-    try:
-        return load_pipeline(path)
-    except SpecError as e:
-        for line in e.lines():
-            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(2) from None
 
 
 FromOpt = Annotated[str | None, typer.Option("--from", help="Rerun this stage and every stage after it.", show_default=False)]
@@ -488,7 +461,7 @@ def pipeline_run(
 
     if launcher not in (None, "local", "ray"):
         raise fail(f"--launcher {launcher!r}: use local or ray", 2)
-    pipeline = read_pipeline(pipeline_file)
+    pipeline = load_pipeline(pipeline_file)
     check_from(pipeline, from_, pipeline_file)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `jobs stop`, `kill`: record the stage as interrupted
     try:
@@ -510,7 +483,7 @@ def pipeline_status(
     from gpt2exp.pipeline.state import PipelineRun
     from gpt2exp.tracking.runs import store_uri
 
-    pipeline = read_pipeline(pipeline_file)
+    pipeline = load_pipeline(pipeline_file)
     uri = store_uri(output, tracking_uri or pipeline.tracking_uri)
     stored = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
     console.print(status_table(pipeline, PipelineRun.find(uri, pipeline.name) if stored else None))
@@ -532,7 +505,7 @@ def pipeline_submit(
     """Run a whole pipeline on a Ray cluster as one Ray Job (its run stages use Ray Train there)."""
     from gpt2exp.launch.submit import submit_pipeline
 
-    check_from(read_pipeline(pipeline_file), from_, pipeline_file)  # a bad pipeline: FILE: field: reason lines, exit 2
+    check_from(load_pipeline(pipeline_file), from_, pipeline_file)  # a bad pipeline: FILE: field: reason lines, exit 2
     send_job(
         submit_pipeline,
         pipeline_file,
@@ -550,12 +523,11 @@ def pipeline_submit(
 @pipeline_app.command("schema")
 def pipeline_schema() -> None:
     """Print the JSON Schema of pipeline files."""
-    from gpt2exp.pipeline.spec import PipelineSpec
-
     sys.stdout.write(json.dumps(PipelineSpec.model_json_schema(), indent=2) + "\n")
 
 
 def main() -> None:
+    """The ``gpt2exp`` command (also ``python -m gpt2exp.cli``); errors go through ``OneErrorPath``."""
     app()
 
 

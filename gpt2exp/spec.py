@@ -9,39 +9,80 @@ validates the base and every expanded variant, so a bad spec fails before anythi
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re
+import stat
 import warnings
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from gpt2exp.errors import INPUT, Gpt2expError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.,=+-]{0,99}$"
+MAX_RUNS = 1000  # variants x seeds of one experiment
+MAX_YAML_BYTES = 1 << 20  # specs and pipelines are small text files
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an experiment, variant, pipeline or stage (it names folders), or None."""
+    if re.fullmatch(NAME_PATTERN, name):
+        return None
+    if len(name) > 100:
+        return f"a name is at most 100 characters, this one has {len(name):,} ({name[:40]!r}...)"
+    return f"{name!r} is not a name: a letter or digit, then letters, digits and _ . , = + - (at most 100 characters)"
+
+
+def _check_name(name: str) -> str:
+    if problem := name_problem(name):
+        raise ValueError(problem)
+    return name
+
+
+Name = Annotated[str, AfterValidator(_check_name), Field(json_schema_extra={"pattern": NAME_PATTERN})]
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="A random seed in [0, 2**32): numpy and torch take it as it is.")]
 
 
 class Strict(BaseModel):
-    """Base for every section: unknown keys are errors, assignments are validated."""
+    """Base for every section: unknown keys are errors, assignments are validated, numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------- model
 class ModelSpec(Strict):
     """GPT-2 family architecture. Defaults are GPT-2 small (124M)."""
 
-    vocab_size: int = Field(50257, gt=0, description="Token vocabulary (50257 for GPT-2 BPE; 50304 pads to a multiple of 64).")
-    block_size: int = Field(1024, gt=0, description="Maximum context length in tokens.")
-    n_layer: int = Field(12, gt=0)
-    n_head: int = Field(12, gt=0, description="Query heads.")
+    vocab_size: int = Field(
+        50257, gt=0, le=2**20, description="Token vocabulary (50257 for GPT-2 BPE; 50304 pads to a multiple of 64)."
+    )
+    block_size: int = Field(1024, gt=0, le=2**20, description="Maximum context length in tokens.")
+    n_layer: int = Field(12, gt=0, le=1000)
+    n_head: int = Field(12, gt=0, le=1024, description="Query heads.")
     n_kv_head: int | None = Field(
         None,
         gt=0,
+        le=1024,
         description="Key/value heads: n_head = multi-head, a divisor = grouped-query, 1 = multi-query (default n_head).",
     )
-    n_embd: int = Field(768, gt=0)
+    n_embd: int = Field(768, gt=0, le=2**16)
     positional: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    rope_theta: float = Field(10000.0, gt=0, le=1e10, description="RoPE base frequency.")
     sliding_window: int | None = Field(None, gt=0, description="Each token sees at most the last W tokens (itself included).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(True, description="Biases in Linear layers and LayerNorms (GPT-2: true).")
@@ -133,38 +174,53 @@ class DataSpec(Strict):
 class TrainSpec(Strict):
     """Optimisation and budget. ``batch_size`` is global (sequences per optimizer step)."""
 
-    max_steps: int | None = Field(None, gt=0, description="Budget in optimizer steps.")
-    max_tokens: int | None = Field(None, gt=0, description="Budget in training tokens (converted to steps).")
-    max_epochs: float | None = Field(None, gt=0, description="Budget in passes over the training split.")
-    batch_size: int = Field(8, gt=0, description="Global batch: sequences per optimizer step, whatever the worker count.")
-    micro_batch_size: int | None = Field(
-        None, gt=0, description="Sequences per forward pass on one worker (default: batch_size / workers)."
+    max_steps: int | None = Field(None, gt=0, le=10**9, description="Budget in optimizer steps.")
+    max_tokens: int | None = Field(None, gt=0, le=10**15, description="Budget in training tokens (converted to steps).")
+    max_epochs: float | None = Field(None, gt=0, le=10**6, description="Budget in passes over the training split.")
+    batch_size: int = Field(
+        8, gt=0, le=2**20, description="Global batch: sequences per optimizer step, whatever the worker count."
     )
-    lr: float = Field(6e-4, gt=0)
+    micro_batch_size: int | None = Field(
+        None, gt=0, le=2**20, description="Sequences per forward pass on one worker (default: batch_size / workers)."
+    )
+    lr: float = Field(6e-4, gt=0, le=10)
     min_lr: float | None = Field(None, ge=0, description="Floor of the schedule (default lr/10).")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10**9)
+    weight_decay: float = Field(0.1, ge=0, le=10)
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.95, gt=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null: no clipping).")
-    eval_interval: int = Field(100, gt=0, description="Evaluate every N steps (and at the end).")
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6, description="Max global gradient norm (null: no clipping).")
+    eval_interval: int = Field(100, gt=0, le=10**9, description="Evaluate every N steps (and at the end).")
     eval_tokens: int = Field(
-        8192, gt=0, description="Tokens scored by each evaluation during training: a fixed sample of the validation windows."
+        8192,
+        gt=0,
+        le=10**15,
+        description="Tokens scored by each evaluation during training: a fixed sample of the validation windows.",
     )
     final_eval_tokens: int | None = Field(
         None,
         gt=0,
+        le=10**15,
         description="Tokens scored by the final evaluation (default: a quarter of the training tokens, at least "
         "eval_tokens, at most the whole validation split; a forward pass costs about a third of a training step, "
         "so this adds under 10% to the run).",
     )
-    log_interval: int = Field(10, gt=0)
-    checkpoint_interval: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: eval_interval).")
-    seed: int = 1337
-    seeds: list[int] | None = Field(None, min_length=1, description="Run every variant once per seed.")
+    log_interval: int = Field(10, gt=0, le=10**9)
+    checkpoint_interval: int | None = Field(
+        None, gt=0, le=10**9, description="Checkpoint every N steps (default: eval_interval)."
+    )
+    seed: Seed = 1337
+    seeds: list[Seed] | None = Field(None, min_length=1, description="Run every variant once per seed (distinct seeds).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     compile: bool = False
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v and (dupes := sorted(s for s, n in Counter(v).items() if n > 1)):
+            raise ValueError(f"seeds {dupes} are given more than once; give each seed once")
+        return v
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSpec:
@@ -192,13 +248,15 @@ class ParallelSpec(Strict):
 
     launcher: Literal["local", "ray"] = Field("local", description="local: this process (or torchrun); ray: Ray Train.")
     strategy: Literal["none", "ddp", "fsdp"] = "none"
-    num_workers: int = Field(1, gt=0)
+    num_workers: int = Field(1, gt=0, le=10_000)
     use_gpu: bool = False
-    gpus_per_worker: float = Field(1.0, gt=0)
-    cpus_per_worker: int | None = Field(None, gt=0, description="Default: the node's CPUs shared among workers.")
-    max_concurrent: int | None = Field(None, gt=0, description="Variants running at once (default: as many as fit).")
-    max_failures: int = Field(0, ge=0, description="Restarts of a crashed worker group from its last checkpoint.")
-    peak_flops: float | None = Field(None, gt=0, description="Peak FLOP/s of one device for MFU (default: known-GPU table).")
+    gpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    cpus_per_worker: int | None = Field(None, gt=0, le=10_000, description="Default: the node's CPUs shared among workers.")
+    max_concurrent: int | None = Field(None, gt=0, le=10_000, description="Variants running at once (default: as many as fit).")
+    max_failures: int = Field(0, ge=0, le=1000, description="Restarts of a crashed worker group from its last checkpoint.")
+    peak_flops: float | None = Field(
+        None, gt=0, le=1e18, description="Peak FLOP/s of one device for MFU (default: known-GPU table)."
+    )
 
     @field_validator("num_workers")
     @classmethod
@@ -232,14 +290,14 @@ with warnings.catch_warnings():  # `register` shadows ABCMeta.register on the cl
 class VariantSpec(Strict):
     """A named set of overrides of the base spec, as dotted paths: ``{model.n_kv_head: 4}``."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.,=+-]+$")
+    name: Name
     set: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExperimentSpec(Strict):
     """A base configuration and the variants to compare."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     description: str = ""
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -247,7 +305,9 @@ class ExperimentSpec(Strict):
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     variants: list[VariantSpec] = Field(default_factory=list)
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted path -> values; crossed with variants.")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Dotted path -> values (numbers, strings, true/false, null); crossed with variants."
+    )
     baseline: str | None = Field(None, description="Variant the others are compared to (default: the first).")
 
     @model_validator(mode="after")
@@ -265,12 +325,35 @@ class ExperimentSpec(Strict):
             problems.append("parallel.gpus_per_worker: the local launcher uses exactly one GPU")
         paths = [("grid", k) for k in self.grid] + [(f"variants[{v.name}].set", k) for v in self.variants for k in v.set]
         problems += [f"{where}: {msg}" for where, key in paths if (msg := _path_problem(key))]
-        names = [v.name for v in self.variants]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            problems.append(f"variants: duplicate names {dupes}")
+        problems += self._expansion_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _expansion_problems(self) -> list[str]:
+        """Variants x grid make 1 to MAX_RUNS runs (with the seeds; counted before expanding), with distinct valid names."""
+        out = [f"grid.{k}: no values; give at least one or remove {k}" for k, values in self.grid.items() if not values]
+        out += [
+            f"grid.{k}: {v!r} is not a single value; grid values are numbers, strings, true/false or null"
+            for k, values in self.grid.items()
+            for v in values
+            if not isinstance(v, str | int | float | bool | None)
+        ]
+        if out:
+            return out
+        sizes = [len(self.variants) or 1, *(len(v) for v in self.grid.values()), len(self.train.run_seeds)]
+        if (runs := math.prod(sizes)) > MAX_RUNS:
+            made = " x ".join(f"{n:,}" for n in sizes)
+            return [f"grid: {made} (variants x grid values x seeds) = {runs:,} runs; at most {MAX_RUNS:,} per experiment"]
+        names = Counter(name for name, _ in self._variant_overrides())
+        out = [
+            f"variants: {problem}; name the variants explicitly under `variants:` instead of a grid"
+            for name in names
+            if (problem := name_problem(name))
+        ]
+        if dupes := sorted(n for n, count in names.items() if count > 1):
+            out.append(f"variants: {dupes} would each be made more than once; give each variant and each grid value once")
+        return out
 
     @property
     def micro_batch_size(self) -> int:
@@ -360,14 +443,60 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
+        shown = repr(item if len(item) <= 80 else item[:60] + "...")
         if not eq or not key.strip():
-            raise ValueError(f"{item!r} is not KEY=VALUE (e.g. --set model.n_layer=4)")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            raise ValueError(f"{shown} is not KEY=VALUE (e.g. --set model.n_layer=4)")
+        try:
+            out[key.strip()] = parse_yaml(value) if value.strip() else None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ValueError(f"{shown}: {yaml_problem(e, value)[1]}") from None
     return out
 
 
-class SpecError(Exception):
-    """Invalid spec: a list of (field path, reason), printed one per line as ``FILE: path: reason``."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # the base class says what is wrong with it
+                continue
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r} (first on line {first_line[key]}); give each key once",
+                    problem_mark=key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text to Python objects: the safe loader, duplicate keys refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+
+
+def yaml_problem(e: yaml.YAMLError | RecursionError, text: str) -> tuple[str, str]:
+    """(where, reason) for YAML that does not load: ``line L, column C`` when known, and one line of reason."""
+    if isinstance(e, RecursionError):
+        return "", "invalid YAML: nested too deeply; a spec is a few levels deep"
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+    elif isinstance(e, yaml.reader.ReaderError):
+        where = f"line {text.count(chr(10), 0, e.position) + 1}"
+    else:
+        where = ""
+    reason = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    return where, f"invalid YAML: {' '.join(str(reason).split())}"
+
+
+class SpecError(Gpt2expError):
+    """Invalid spec: a list of (field path, reason), printed one per line as ``FILE: path: reason`` (exit code 2)."""
+
+    code = INPUT
 
     def __init__(self, problems: list[tuple[str, str]], file: str | Path | None = None) -> None:
         self.problems, self.file = problems, str(file) if file else None
@@ -391,16 +520,35 @@ def field_problems(err: ValidationError, prefix: str = "", schema: str = "gpt2ex
     return out
 
 
-def read_yaml(path: Path, what: str) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (safe loader); a missing file or bad YAML is a SpecError."""
+def _read_text(path: Path) -> str:
+    """A small UTF-8 text file; anything else (missing, not a regular file, unreadable, over 1 MiB,
+    binary) is a SpecError. Checked before opening, so a FIFO or a device cannot block."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (FileNotFoundError, IsADirectoryError):
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise SpecError([("", "not a regular file (a folder, FIFO or device?); give a YAML file")], path)
+        with path.open("rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
         raise SpecError([("", "no such file")], path) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError([(where, f"invalid YAML: {getattr(e, 'problem', e)}")], path) from None
+    except OSError as e:
+        raise SpecError([("", f"cannot read it: {e.strerror or e}")], path) from None
+    if len(data) > MAX_YAML_BYTES:
+        raise SpecError([("", f"larger than {MAX_YAML_BYTES // 2**20} MiB; a spec is a small YAML text file")], path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        reason = f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); a spec is a YAML text file"
+        raise SpecError([(f"line {line}", reason)], path) from None
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (see ``_read_text`` and ``parse_yaml``); every problem is a SpecError."""
+    text = _read_text(path)
+    try:
+        raw = parse_yaml(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise SpecError([yaml_problem(e, text)], path) from None
     if not isinstance(raw, dict):
         raise SpecError([("", what)], path)
     return raw

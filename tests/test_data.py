@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from gpt2exp.data import EOT, DataError, cache_root, get_tokenizer, prepare
 from gpt2exp.data.loader import BatchSampler, EvalWindows, epoch_steps
-from gpt2exp.data.prepare import SEGMENT_TOKENS, load_complete
+from gpt2exp.data.prepare import SEGMENT_TOKENS, TokenData, file_digest, load_complete
 from gpt2exp.data.sources import builtin_files, read_pieces
 from gpt2exp.spec import DataSpec
 
@@ -122,22 +123,51 @@ def test_second_prepare_reuses_the_cache(tmp_path: Path, small_file: Path) -> No
     assert other.dir != first.dir and other.n_val > first.n_val
 
 
-def test_incomplete_caches_are_rebuilt(tmp_path: Path, small_file: Path) -> None:
+def test_incomplete_caches_are_rebuilt(tmp_path: Path, small_file: Path, capsys: pytest.CaptureFixture) -> None:
     data = prepare(spec(tmp_path, path=str(small_file)), show_progress=False)
     (data.dir / "meta.json").unlink()  # crashed before meta.json: not complete
-    assert load_complete(data.dir) is None
+    assert load_complete(data.dir) == "no meta.json"
     again = prepare(spec(tmp_path, path=str(small_file)), show_progress=False)
-    assert again.dir == data.dir and load_complete(again.dir) is not None
+    assert again.dir == data.dir and isinstance(load_complete(again.dir), TokenData)
 
     with open(data.dir / "train.bin", "r+b") as f:  # meta.json present but a file cut short
         f.truncate(1000)
-    assert load_complete(data.dir) is None
+    assert load_complete(data.dir) == f"train.bin: 1,000 bytes, {2 * data.n_train:,} recorded"
     assert prepare(spec(tmp_path, path=str(small_file)), show_progress=False).n_train == data.n_train
 
     shutil.move(data.dir, data.dir.with_name(f".tmp-{data.dir.name}-crashed"))  # a half-written temp folder
     rebuilt = prepare(spec(tmp_path, path=str(small_file)), show_progress=False)
-    assert rebuilt.dir == data.dir and rebuilt.meta["created"] and load_complete(rebuilt.dir)
+    assert rebuilt.dir == data.dir and rebuilt.meta["created"] and isinstance(load_complete(rebuilt.dir), TokenData)
     assert not list(data.dir.parent.glob(".tmp-*"))
+    warnings = capsys.readouterr().err.strip().splitlines()  # one line per rebuild of a damaged folder
+    assert warnings == [
+        f"warning: token cache {data.dir}: no meta.json; rebuilding it",
+        f"warning: token cache {data.dir}: train.bin: 1,000 bytes, {2 * data.n_train:,} recorded; rebuilding it",
+    ]
+
+
+def test_cache_records_and_checks_file_hashes(tmp_path: Path, small_file: Path, capsys: pytest.CaptureFixture) -> None:
+    """Same-size damage (a zeroed val.bin, out-of-vocabulary ids) is found by the SHA-256 recorded at creation."""
+    data = prepare(spec(tmp_path, path=str(small_file)), show_progress=False)
+    assert data.meta["files"] == {name: file_digest(data.dir / name) for name in ("train.bin", "val.bin")}
+    val = data.val.copy()
+    (data.dir / "val.bin").write_bytes(bytes(2 * data.n_val))
+    assert load_complete(data.dir) == "val.bin: sha256 mismatch"
+    rebuilt = prepare(spec(tmp_path, path=str(small_file)), show_progress=False)
+    assert np.array_equal(rebuilt.val, val) and rebuilt.meta["files"] == data.meta["files"]
+    assert capsys.readouterr().err == f"warning: token cache {data.dir}: val.bin: sha256 mismatch; rebuilding it\n"
+
+
+def test_tokens_beyond_the_vocabulary_are_refused_at_creation(
+    tmp_path: Path, small_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Narrow:  # the GPT-2 encoding claiming a vocabulary of 100 tokens
+        name, n_vocab = "gpt2", 100
+        encode_ordinary = staticmethod(get_tokenizer().encode_ordinary)
+
+    monkeypatch.setattr(sys.modules["gpt2exp.data.prepare"], "get_tokenizer", Narrow)
+    with pytest.raises(RuntimeError, match=r"token id \d+ >= its vocabulary size 100"):
+        prepare(spec(tmp_path, path=str(small_file)), show_progress=False)
 
 
 def test_concurrent_preparers_build_once(tmp_path: Path, small_file: Path) -> None:
@@ -180,16 +210,22 @@ def _utf16(d: Path) -> str:
     return "u16.txt"
 
 
+def _zero_filled_tail(d: Path) -> str:
+    (d / "tail.txt").write_bytes(b"To be, or not to be, that is the question.\n" * 500 + bytes(50_000))  # NULs after 8 KB
+    return "tail.txt"
+
+
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
         (_empty_file, ["no text", "empty"]),
+        (_zero_filled_tail, ["NUL bytes", "tail.txt", "not text"]),
         (lambda d: "nothing-*.txt", ["matches no files", "nothing-*.txt"]),
         (lambda d: "missing.txt", ["does not exist", "missing.txt"]),
         (_no_text_files, ["no .txt/.md", "code"]),
         (_utf16, ["not UTF-8", "u16.txt"]),
     ],
-    ids=["empty-file", "empty-glob", "missing", "no-text-files", "utf16"],
+    ids=["empty-file", "zero-filled-tail", "empty-glob", "missing", "no-text-files", "utf16"],
 )
 def test_unusable_sources_fail_with_one_clear_line(tmp_path: Path, make, expected: list[str]) -> None:
     path = tmp_path / make(tmp_path)

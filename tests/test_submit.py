@@ -249,7 +249,7 @@ def test_pipeline_submit_runs_the_whole_pipeline_as_one_job(ray_head: str, mlflo
 
     from gpt2exp.pipeline.state import PipelineRun
 
-    small = {"train.max_steps": 6, "train.eval_interval": 3, "train.eval_tokens": 256, "model.n_layer": 1}
+    small = {"train.max_steps": 6, "train.eval_interval": 3, "train.eval_tokens": 256, "train.seeds": [1], "model.n_layer": 1}
     pipeline = {
         "name": "cluster_study",
         "tracking_uri": mlflow_url,

@@ -89,6 +89,10 @@ def test_metric_histories_match_the_run_records(tracked: tuple[object, MlflowCli
     assert records.train_loss.round(5).tolist() == [round(history[s], 5) for s in records.step]
     status = json.loads((Path(plan.jobs[0].run_dir) / "status.json").read_text())
     assert run.data.metrics["val_loss"] == pytest.approx(status["val_loss"])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss_se")) == [4, 8]
+    assert run.data.metrics["val_loss_se"] == pytest.approx(status["val_loss_se"]) and status["val_loss_se"] > 0
+    seconds = run.data.metrics["train_seconds"]  # one throughput: tokens trained per second of training
+    assert status["tokens_per_sec"] == pytest.approx(run.data.metrics["tokens_seen"] / seconds)
 
 
 def test_checkpoints_are_logged_models_findable_by_val_loss(tracked: tuple[object, MlflowClient]) -> None:

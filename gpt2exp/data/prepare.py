@@ -9,9 +9,11 @@ large corpora, and it works for a single small document (validation = its tail).
 
 Cache: ``<cache_root>/<key[:24]>/`` where the key hashes the content (see ``sources``), the tokenizer,
 the split rule and val_fraction, so every run and variant on the same text reuses one folder. A
-folder is complete only when its ``meta.json`` (written last) matches the sizes of the two files;
-it is built in a temporary sibling folder and renamed into place under a lock file (``fcntl.flock``),
-so a crashed or concurrent preparer never leaves a half-written cache that is taken for a complete one.
+folder is used only when its ``meta.json`` (written last) records the size and SHA-256 of both files
+and they still match (token ids are checked against the vocabulary when written); a folder that does
+not is rebuilt with a one-line warning. It is built in a temporary sibling folder and renamed into
+place under a lock file (``fcntl.flock``), so a crashed or concurrent preparer never leaves a
+half-written cache that is taken for a complete one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import deque
@@ -42,7 +45,7 @@ try:
 except ImportError:  # Windows: no lock; the atomic rename still keeps the cache consistent
     fcntl = None  # type: ignore[assignment]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records each file's size and SHA-256
 SPLIT_RULE = "segment-tail/v1"
 SEGMENT_TOKENS = 1 << 20
 GROUP_CHARS = 1 << 18  # text per encoding task (a file piece is about 1 MiB: one per task)
@@ -118,14 +121,48 @@ def cache_key(source: Source, val_fraction: float, tokenizer: str = "gpt2") -> s
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def load_complete(folder: Path) -> TokenData | None:
-    """The cache in ``folder`` if it is complete (meta.json present and matching the files), else None."""
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex digest}`` of a file."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def file_mismatch(path: Path, record: Any) -> str | None:
+    """Why ``path`` does not match its ``file_digest`` record (missing, size, content), or None when it does."""
+    try:
+        size = path.stat().st_size
+        if size != record["size"]:
+            return f"{path.name}: {size:,} bytes, {record['size']:,} recorded"
+        return None if file_digest(path)["sha256"] == record["sha256"] else f"{path.name}: sha256 mismatch"
+    except FileNotFoundError:
+        return f"{path.name}: missing"
+    except OSError as e:
+        return f"{path.name}: unreadable ({e.strerror or e})"
+    except (KeyError, TypeError, ValueError):
+        return f"{path.name}: no valid size and sha256 recorded"
+
+
+def load_complete(folder: Path) -> TokenData | str:
+    """The cache in ``folder`` if it is complete and intact, else what is wrong with it (one line)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        sizes_ok = all((folder / f"{s}.bin").stat().st_size == 2 * meta[f"n_{s}_tokens"] for s in ("train", "val"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return TokenData(folder, meta) if sizes_ok and meta.get("format") == FORMAT_VERSION else None
+        if meta.get("format") != FORMAT_VERSION:
+            return f"format {meta.get('format')}, expected {FORMAT_VERSION}"
+        for split in ("train", "val"):
+            name = f"{split}.bin"
+            if problem := file_mismatch(folder / name, meta["files"][name]):
+                return problem
+            if meta["files"][name]["size"] != 2 * meta[f"n_{split}_tokens"]:
+                return f"{name}: size does not match n_{split}_tokens"
+    except FileNotFoundError:
+        return "no meta.json"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"meta.json unreadable ({type(e).__name__}: {e})"
+    return TokenData(folder, meta)
 
 
 def prepare(spec: DataSpec, *, show_progress: bool = True, num_threads: int | None = None) -> TokenData:
@@ -136,19 +173,22 @@ def prepare(spec: DataSpec, *, show_progress: bool = True, num_threads: int | No
     enc = get_tokenizer()
     key = cache_key(source, spec.val_fraction, enc.name)
     final = root / key[:24]
-    if done := load_complete(final):
+    if isinstance(done := load_complete(final), TokenData):
         return done
     with _locked(root / f".{key[:24]}.lock"):
-        if done := load_complete(final):  # another process finished it while we waited
+        if isinstance(done := load_complete(final), TokenData):  # another process finished it while we waited
             return done
+        if final.exists():
+            print(f"warning: token cache {final}: {done}; rebuilding it", file=sys.stderr, flush=True)
         for stale in root.glob(f".tmp-{key[:24]}-*"):  # left by a crashed preparer (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key[:24]}-"))
         try:
             meta = _build(source, tmp, spec.val_fraction, show_progress, num_threads)
-            meta.update(key=key, source=spec.source, tokenizer=enc.name, val_fraction=spec.val_fraction)
+            files = {name: file_digest(tmp / name) for name in ("train.bin", "val.bin")}
+            meta.update(key=key, source=spec.source, tokenizer=enc.name, val_fraction=spec.val_fraction, files=files)
             _write_json(tmp / "meta.json", meta)  # last: marks the folder complete
-            if final.exists():  # incomplete leftover (complete ones returned above)
+            if final.exists():  # incomplete or damaged (intact ones returned above)
                 shutil.rmtree(final)
             os.rename(tmp, final)
         finally:
@@ -167,14 +207,16 @@ def prepare(spec: DataSpec, *, show_progress: bool = True, num_threads: int | No
 class _SplitWriter:
     """Appends the token stream to train/val files by the segment-tail rule (memory: one segment)."""
 
-    def __init__(self, folder: Path, val_fraction: float) -> None:
+    def __init__(self, folder: Path, val_fraction: float, vocab_size: int) -> None:
         self.files: dict[str, BinaryIO] = {s: open(folder / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
         self.counts = {"train": 0, "val": 0}
-        self.val_fraction = val_fraction
+        self.val_fraction, self.vocab_size = val_fraction, vocab_size
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
 
     def add(self, tokens: np.ndarray) -> None:  # (n,) uint16
+        if len(tokens) and int(tokens.max()) >= self.vocab_size:
+            raise RuntimeError(f"the tokenizer produced token id {int(tokens.max())} >= its vocabulary size {self.vocab_size}")
         self.pending.append(tokens)
         self.n_pending += len(tokens)
         while self.n_pending >= SEGMENT_TOKENS:
@@ -207,7 +249,7 @@ def _build(source: Source, folder: Path, val_fraction: float, show_progress: boo
     """
     enc = get_tokenizer()
     threads = num_threads or _cpu_count()
-    writer = _SplitWriter(folder, val_fraction)
+    writer = _SplitWriter(folder, val_fraction, enc.n_vocab)
     start, n_bytes, n_docs = time.perf_counter(), 0, 0
     group: list[tuple[str, bool]] = []  # pieces encoded by one task: (text, EOT before it?)
     group_chars = group_bytes = 0
@@ -239,6 +281,11 @@ def _build(source: Source, folder: Path, val_fraction: float, show_progress: boo
                     n_bytes, group_bytes = n_bytes + size, group_bytes + size
                     if not text:
                         continue
+                    if "\0" in text:
+                        raise DataError(
+                            f"{source.name}: document {n_docs + first} holds NUL bytes, so it is not text (a zero-filled or "
+                            "binary file?); convert it to UTF-8 text or leave it out"
+                        )
                     group.append((text, first and n_docs > 0))
                     n_docs, first, group_chars = n_docs + first, False, group_chars + len(text)
                     if group_chars >= GROUP_CHARS:

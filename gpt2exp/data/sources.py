@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2exp.errors import INPUT, Gpt2expError
 from gpt2exp.spec import DataSpec
 
 PIECE_BYTES = 1 << 20  # read size: about 1 MiB of text per piece handed to the encoder
@@ -33,8 +34,10 @@ Piece = tuple[str, int]  # (text, bytes of input it covers)
 Document = Iterator[Piece]
 
 
-class DataError(ValueError):
+class DataError(Gpt2expError, ValueError):
     """The data source is unusable; the message says what, where and how to fix it (one line)."""
+
+    code = INPUT
 
 
 @dataclass(frozen=True)

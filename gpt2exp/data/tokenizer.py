@@ -14,6 +14,8 @@ from pathlib import Path
 
 import tiktoken
 
+from gpt2exp.errors import Gpt2expError
+
 EOT = 50256  # <|endoftext|>
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -23,7 +25,7 @@ _HOW_TO_FIX = (
 )
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(Gpt2expError, RuntimeError):
     """No copy of the GPT-2 BPE files could be reached."""
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2exp.parallel.distributed import init_from_env, pick_device, rank_and_world, set_cpu_threads
-from gpt2exp.training.checkpoint import barrier, is_complete
+from gpt2exp.training.checkpoint import barrier, restore_newest
 from gpt2exp.training.job import TrainJob
 from gpt2exp.training.loop import train
 
@@ -18,7 +18,8 @@ KEEP_CHECKPOINTS = 2
 
 
 class LocalSession:
-    """Checkpoints in ``<run_dir>/checkpoints/step_<N>``, written under a temporary name and renamed."""
+    """Checkpoints in ``<run_dir>/checkpoints/step_<N>``, written under a temporary name and renamed; a
+    resume uses the newest one that verifies."""
 
     def __init__(self, job: TrainJob, emit: Callable[[dict[str, Any]], None]) -> None:
         init_from_env(job.spec.parallel.use_gpu)
@@ -29,13 +30,13 @@ class LocalSession:
         self.dir = Path(job.run_dir) / "checkpoints"
         self.job, self._emit = job, emit
 
-    def _complete(self) -> list[Path]:
-        found = [p for p in self.dir.glob("step_*") if is_complete(p)] if self.dir.is_dir() else []
+    def _checkpoints(self) -> list[Path]:
+        """The checkpoint folders, oldest first."""
+        found = [p for p in self.dir.glob("step_*") if p.name.removeprefix("step_").isdigit()] if self.dir.is_dir() else []
         return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
     def restore(self, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
-        done = self._complete()
-        return read(done[-1]) if done else None
+        return restore_newest(self._checkpoints()[::-1], read, self.emit, self.job.total_steps)
 
     def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         final = self.dir / f"step_{metrics['step']:08d}"
@@ -49,7 +50,7 @@ class LocalSession:
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in self._complete()[:-KEEP_CHECKPOINTS]:
+            for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return str(final)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2exp.data.prepare import TokenData, prepare
+from gpt2exp.errors import check_inside
 from gpt2exp.spec import DataSpec, ExperimentSpec
 from gpt2exp.training.job import TrainJob
 
@@ -42,7 +43,7 @@ def total_steps(spec: ExperimentSpec, n_train_tokens: int) -> int:
 
 def experiment_dir(spec: ExperimentSpec, output: Path) -> Path:
     """Where ``gpt2exp run --output OUTPUT`` keeps an experiment: ``<output>/<experiment>``."""
-    return (output / spec.name).resolve()
+    return check_inside(output, output / spec.name)
 
 
 def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True, out_dir: Path | None = None) -> Plan:
@@ -70,7 +71,7 @@ def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True, ou
                     spec=variant.spec,
                     train_tokens=str(files.dir / "train.bin"),
                     val_tokens=str(files.dir / "val.bin"),
-                    run_dir=str(out_dir / "runs" / variant.name / f"seed_{seed}"),
+                    run_dir=str(check_inside(out_dir, out_dir / "runs" / variant.name / f"seed_{seed}")),
                     total_steps=total_steps(variant.spec, files.n_train),
                 )
             )

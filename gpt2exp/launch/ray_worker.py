@@ -4,7 +4,6 @@ records to the driver's progress bus."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from ray.train import Checkpoint
 from gpt2exp.launch.plan import read_status
 from gpt2exp.launch.runner import outcome
 from gpt2exp.parallel.distributed import pick_device
-from gpt2exp.training.checkpoint import META
+from gpt2exp.training.checkpoint import restore_newest
 from gpt2exp.training.job import Diverged, TrainJob
 from gpt2exp.training.loop import train
 
@@ -32,20 +31,21 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = pick_device(job.spec.parallel.use_gpu)
         self.job, self.bus = job, bus
+        self.prefix = f"{job.variant}-seed{job.seed}-step_"  # + the step, 8 digits: this job's checkpoint folders
 
     def restore(self, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
-        """The lane's latest registered checkpoint, when it belongs to this job."""
+        """The newest checkpoint of this job that verifies, from the lane's latest registered one back
+        (in the merged folder Ray keeps: every rank's files); none when that one is another job's."""
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is None or not (latest := Path(checkpoint.path)).name.startswith(self.prefix):
             return None
-        with checkpoint.as_directory() as folder:
-            meta = json.loads((Path(folder) / META).read_text())
-            return read(Path(folder)) if (meta["variant"], meta["seed"]) == (self.job.variant, self.job.seed) else None
+        ours = [p for p in latest.parent.iterdir() if p.name.startswith(self.prefix) and p.name <= latest.name]
+        return restore_newest(sorted(ours, reverse=True), read, self.emit, self.job.total_steps)
 
     def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         folder = Path(tempfile.mkdtemp(prefix="gpt2exp-ckpt-"))
         write(folder)
-        name = f"{self.job.variant}-seed{self.job.seed}-step_{metrics['step']:08d}"
+        name = f"{self.prefix}{metrics['step']:08d}"
         ray.train.report(
             {k: v for k, v in metrics.items() if v is not None},
             checkpoint=Checkpoint.from_directory(str(folder)),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
 
 from gpt2exp.data.sources import find_files
+from gpt2exp.errors import one_line
 from gpt2exp.launch.cluster import beside_ray
 from gpt2exp.launch.plan import Plan, make_plan, read_status, write_status
 from gpt2exp.launch.progress import ProgressView
@@ -59,14 +59,6 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(job.run_dir) / "error.log").write_text("".join(traceback.format_exception(error)))
     return write_status(job, status, wall_s=wall_s, error=one_line(text))
-
-
-def one_line(text: str) -> str:
-    """The telling line of an error message: the last ``SomeError: ...`` line of a worker's
-    traceback when there is one (Ray wraps them), else the first line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Diverged|Interrupt)\b.*: ", line)]
-    return (raised[-1] if raised else lines[0] if lines else "")[:500]
 
 
 class Recorder:

@@ -56,6 +56,7 @@ from typing import Any
 
 import yaml
 
+from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec import ExperimentSpec, SpecError, load_spec, parse_overrides
 
 CONNECT_TIMEOUT_S = 5.0  # the dashboard answers in milliseconds; a wrong address must fail fast
@@ -75,7 +76,7 @@ JOB_ENV_DEFAULTS = {
 }
 
 
-class SubmitError(Exception):
+class SubmitError(Gpt2expError):
     """A one-line reason for the user, and the exit code (1: cluster or job; 2: the spec or the inputs)."""
 
     def __init__(self, message: str, code: int = 1) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from gpt2exp.errors import Gpt2expError, check_inside, one_line
 from gpt2exp.pipeline.spec import PipelineSpec, PrepareStage, RunStage, Stage
 from gpt2exp.pipeline.stages import RUNNERS, Context, StageFailed
 from gpt2exp.pipeline.state import PipelineRun, StageState
@@ -29,7 +30,7 @@ from gpt2exp.pipeline.state import PipelineRun, StageState
 MACHINE_LOCAL = frozenset({"dir", "out_dir", "file", "folder", "report"})  # outputs that name this machine's files
 
 
-class PipelineError(Exception):
+class PipelineError(Gpt2expError):
     """The pipeline cannot go on; the message is one line for the user."""
 
 
@@ -119,7 +120,9 @@ def run_pipeline(
                 continue
             resume = not forced and state is not None and state.status != "completed" and state.fingerprint == digest
             attempt = state.attempt if resume and state else (state.attempt + 1 if state else 1)
-            folder = output / pipeline.name / run.run_id[:8] / (stage.name if attempt == 1 else f"{stage.name}.{attempt}")
+            folder = check_inside(
+                output, output / pipeline.name / run.run_id[:8] / (stage.name if attempt == 1 else f"{stage.name}.{attempt}")
+            )
             console.rule(f"{title}" + (" · resuming" if resume else f" · attempt {attempt}" if attempt > 1 else ""))
             ctx = Context(pipeline, output, uri, run, folder, outputs, launcher, console, show_progress)
             outputs[stage.name] = _execute(stage, ctx, run.start(stage, attempt, digest), title)
@@ -138,8 +141,6 @@ def _execute(stage: Stage, ctx: Context, state: StageState, title: str) -> dict[
         run.finish("KILLED")
         raise
     except Exception as e:
-        from gpt2exp.launch.runner import one_line
-
         message = str(e) if isinstance(e, StageFailed) else one_line(f"{type(e).__name__}: {e}")
         ctx.folder.mkdir(parents=True, exist_ok=True)
         (ctx.folder / "error.log").write_text("".join(traceback.format_exception(e)))

@@ -15,8 +15,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
-from gpt2exp.spec import DataSpec, ExperimentSpec, SpecError, Strict, field_problems, read_yaml, set_dotted, validate_spec
+from gpt2exp.spec import (
+    DataSpec,
+    ExperimentSpec,
+    Name,
+    Seed,
+    SpecError,
+    Strict,
+    field_problems,
+    read_yaml,
+    set_dotted,
+    validate_spec,
+)
 
+# stricter than Name: no "." (a stage's retries are folders <stage>.<attempt>)
 StageName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -94,12 +106,12 @@ class GenerateStage(Stage):
     kind: Literal["generate"]
     model: ModelRef
     prompts: list[str] = Field(default_factory=lambda: ["\n"], min_length=1)
-    samples_per_prompt: int = Field(1, gt=0)
-    max_new_tokens: int = Field(200, gt=0)
-    temperature: float = Field(0.8, ge=0.0)
-    top_k: int | None = Field(200, gt=0)
+    samples_per_prompt: int = Field(1, gt=0, le=10_000)
+    max_new_tokens: int = Field(200, gt=0, le=10**6)
+    temperature: float = Field(0.8, ge=0.0, le=100.0)
+    top_k: int | None = Field(200, gt=0, le=2**20)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
     def references(self) -> list[str]:
         return [self.model] if is_stage_ref(self.model) else []
@@ -131,7 +143,7 @@ REFERS_TO = {  # stage kind -> (the field naming earlier stages, the kinds it ma
 class PipelineSpec(Strict):
     """A named, ordered list of stages and the MLflow store that records them."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     description: str = ""
     tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the output folder.")
     stages: list[AnyStage] = Field(min_length=1)

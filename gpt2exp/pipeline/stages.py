@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
+from gpt2exp.errors import Gpt2expError
 from gpt2exp.pipeline.spec import (
     CompareStage,
     ExportStage,
@@ -27,7 +28,7 @@ from gpt2exp.pipeline.spec import (
 from gpt2exp.pipeline.state import PipelineRun
 
 
-class StageFailed(Exception):
+class StageFailed(Gpt2expError):
     """A stage that could not do its work; the message is one line for the user."""
 
 

@@ -22,11 +22,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpt2exp.errors import Gpt2expError
+
 STARTUP_TIMEOUT_S = 90.0  # ready in about 6 s on an idle machine; much slower on a busy one
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 
 
-class UIError(RuntimeError):
+class UIError(Gpt2expError, RuntimeError):
     """The server could not be started (port taken, bad store, it died or never became ready)."""
 
 
