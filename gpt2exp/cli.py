@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from gpt2exp.errors import check_inside, describe
+from gpt2exp.errors import check_inside, describe, printable
 from gpt2exp.pipeline.spec import PipelineSpec, load_pipeline
 from gpt2exp.spec import ExperimentSpec, SpecError, load_spec
 
@@ -26,7 +26,7 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -45,7 +45,7 @@ class OneErrorPath(TyperGroup):
                 raise  # exits and usage errors are Typer's to handle; debugging: the traceback
             if isinstance(e, SpecError):
                 for line in e.lines():
-                    err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+                    err_console.print(printable(line), highlight=False, soft_wrap=True, markup=False)
                 raise typer.Exit(e.code) from None
             raise fail(*describe(e)) from None
 
@@ -185,10 +185,10 @@ def use_store(output: Path, tracking_uri: str | None) -> str:
     import mlflow
 
     from gpt2exp.tracking.runs import store_uri
+    from gpt2exp.tracking.store import check_store
 
     uri = store_uri(output, tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise fail(f"no MLflow store at {uri}: run an experiment first, or pass --output / --tracking-uri")
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -238,7 +238,7 @@ def generate(
     from gpt2exp.data import EOT
 
     model, enc = open_model(model_uri, pretrained, output, tracking_uri)
-    idx = torch.tensor([enc.encode(prompt, allowed_special={"<|endoftext|>"})])
+    idx = torch.tensor([enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]])  # "": from a document start
     gen = torch.Generator().manual_seed(seed)
     sys.stdout.write(prompt)
     new: list[int] = []
@@ -334,13 +334,25 @@ AutoscalingOpt = Annotated[
     bool, typer.Option(help="The cluster adds nodes on demand: multi-node rules apply, the resource check is skipped.")
 ]
 SubmissionIdOpt = Annotated[str | None, typer.Option(help="Job id (default: gpt2exp-<name>-<UTC time>).", show_default=False)]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="List the files that would be uploaded and the entrypoint; contact no one.")
+]
 
 
 def send_job(
-    call: Callable[..., str], *args: Any, follow: bool, working_dir: Path | None, exclude: list[str] | None, **options: Any
+    call: Callable[..., str],
+    *args: Any,
+    follow: bool,
+    working_dir: Path | None,
+    exclude: list[str] | None,
+    dry_run: bool,
+    **options: Any,
 ) -> None:
-    """Submit through ``call`` (``gpt2exp.launch.submit``), then print the id (stdout) or the final status."""
-    sid = call(*args, follow=follow, working_dir=working_dir, excludes=exclude or [], say=note, **options)
+    """Submit through ``call`` (``gpt2exp.launch.submit``), then print the id (stdout) or the final status;
+    ``dry_run``: what would be uploaded and run."""
+    sid = call(*args, follow=follow, working_dir=working_dir, excludes=exclude or [], say=note, dry_run=dry_run, **options)
+    if dry_run:
+        return
     if follow:
         console.print(f"job {sid} SUCCEEDED", highlight=False)
     else:
@@ -358,6 +370,7 @@ def submit(
     exclude: ExcludeOpt = None,
     autoscaling: AutoscalingOpt = False,
     submission_id: SubmissionIdOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run an experiment on a Ray cluster as a Ray Job: the project folder, the effective spec, its environment."""
     from gpt2exp.launch.submit import submit as submit_job
@@ -374,6 +387,7 @@ def submit(
         exclude=exclude,
         autoscaling=autoscaling,
         submission_id=submission_id,
+        dry_run=dry_run,
     )
 
 
@@ -501,6 +515,7 @@ def pipeline_submit(
     exclude: ExcludeOpt = None,
     autoscaling: AutoscalingOpt = False,
     submission_id: SubmissionIdOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run a whole pipeline on a Ray cluster as one Ray Job (its run stages use Ray Train there)."""
     from gpt2exp.launch.submit import submit_pipeline
@@ -517,6 +532,7 @@ def pipeline_submit(
         exclude=exclude,
         autoscaling=autoscaling,
         submission_id=submission_id,
+        dry_run=dry_run,
     )
 
 

@@ -23,6 +23,12 @@ class Gpt2expError(Exception):
             self.code = code
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (which would break or forge lines) shown as escapes; a message
+    that repeats the user's input stays the one line it is meant to be."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def one_line(text: str) -> str:
     """The telling line of an error message: the last ``SomeError: ...`` line of an embedded traceback
     (Ray wraps them), else the first line, with the next one when it ends in a colon; at most 500 characters."""

@@ -310,3 +310,19 @@ def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_usage_errors_stay_typer_s() -> None:
     result = invoke("validate", "--bogus")
     assert result.exit_code == 2 and "No such option: --bogus" in result.output and "unexpected" not in result.output
+
+
+def test_an_unreachable_tracking_server_is_one_line_within_seconds() -> None:
+    t0 = time.perf_counter()
+    check(invoke("compare", "x", "--tracking-uri", "http://127.0.0.1:1"), "no MLflow server answers", code=1)
+    assert time.perf_counter() - t0 < 10  # MLflow's own client retries for minutes
+
+
+def test_an_empty_prompt_starts_from_a_document_boundary(tmp_path: Path) -> None:
+    from gpt2exp.model import GPT
+    from gpt2exp.training.checkpoint import save_final
+
+    spec = ModelSpec(vocab_size=50304, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    save_final(tmp_path / "m", GPT(spec, seed=0), spec)
+    result = invoke("generate", "--model-uri", str(tmp_path / "m"), "--prompt", "", "--max-new-tokens", "3", "--temperature", "0")
+    assert result.exit_code == 0 and result.exception is None, (result.stderr, result.exception)

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,3 +240,26 @@ def test_nul_byte_data_file_is_one_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "zeros.txt" in lines[0] and "NUL" in lines[0], proc.stderr
+
+
+def test_a_model_folder_that_lies_about_its_size_is_refused_without_allocating(tmp_path: Path) -> None:
+    """A model_spec.json claiming a huge model beside small weights: one line, at once, nothing allocated."""
+    from gpt2exp.model import GPT
+    from gpt2exp.spec import ModelSpec
+    from gpt2exp.training.checkpoint import save_final
+
+    spec = ModelSpec(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    folder = tmp_path / "model"
+    save_final(folder, GPT(spec, seed=0), spec)
+    for claim, expected in (({"n_layer": 1000, "n_embd": 65536}, "describes 51,5"), ({"n_layer": 100_000}, "not a model spec")):
+        (folder / "model_spec.json").write_text(spec.model_copy(update=claim).model_dump_json())
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "gpt2exp.cli", "generate", "--model-uri", str(folder), "--max-new-tokens", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+        assert time.perf_counter() - t0 < 30

@@ -1,14 +1,18 @@
 """The Ray launcher on a real local Ray cluster (127.0.0.1): DDP and FSDP with 2 CPU workers follow
 the single-process loss curve, FSDP's consolidated weights load into a plain GPT, and a killed
-worker is replaced and training resumes from the last checkpoint; the private cluster leaves nothing
-behind."""
+worker is replaced and training resumes from the last checkpoint; the private cluster listens on
+loopback only and leaves nothing behind, even when its run is killed."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -213,3 +217,73 @@ def test_private_cluster_goes_with_its_driver() -> None:
     while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive, f"Ray processes left behind: {alive}"
+
+
+def _listening(processes: list[psutil.Process]) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of ``processes``."""
+    out = set()
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            out |= {(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    return out
+
+
+def _loopback(ip: str) -> bool:
+    """``127.x``, ``::1``, or ``::ffff:127.x`` (an IPv4 loopback address on an IPv6 socket)."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def _of_session(temp: str) -> list[psutil.Process]:
+    """Processes whose command line names the Ray temp folder ``temp`` (unique to one run)."""
+    return [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
+def test_a_killed_run_leaves_no_ray_process_and_listened_on_loopback_only(corpus: Path, tmp_path: Path, sig: int) -> None:
+    """``gpt2exp run`` with a private Ray, killed while a 2-worker DDP group trains: while it runs, every socket of
+    its processes listens on loopback (the rendezvous store of rank 0 too); within 10 s of the signal the driver
+    has exited (130, interrupted; SIGKILL: killed) and no process of its Ray is left (its descendants, or any
+    process naming its Ray temp folder)."""
+    raw = spec_for(corpus, max_steps=100000, checkpoint_interval=100000)
+    raw["variants"] = [SPEC["variants"][1]]
+    raw["tracking"] = {"enabled": False}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    temp = tempfile.mkdtemp(prefix="gk-", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": temp}
+    cmd = [sys.executable, "-m", "gpt2exp.cli", "run", str(spec), "--output", str(tmp_path / "out"), "--no-progress"]
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any(f.stat().st_size for f in (tmp_path / "out").rglob("metrics.jsonl")):
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        tree = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        listening = _listening(tree)
+        assert listening and all(_loopback(ip) for ip, _, _ in listening), sorted(listening)
+
+        driver.send_signal(sig)
+        t0 = time.monotonic()
+        while (left := [p for p in {*tree, *_of_session(temp)} if _alive(p.pid)]) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        print(f"{signal.Signals(sig).name}: {len(tree)} process(es) gone in {time.monotonic() - t0:.1f} s")
+        assert not left, [(p.pid, " ".join(p.cmdline())[:120]) for p in left if _alive(p.pid)]
+        if sig == signal.SIGKILL:  # no handler runs: the private cluster's watchdog cleans up
+            assert driver.wait(timeout=5) == -signal.SIGKILL
+        else:
+            assert driver.wait(timeout=5) == 130, log.read_text()[-3000:]
+            assert "error: interrupted: rerun the same command to resume" in log.read_text()
+    finally:
+        for p in {*tree, *_of_session(temp)}:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)

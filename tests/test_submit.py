@@ -1,7 +1,8 @@
 """``gpt2exp submit`` and ``gpt2exp jobs`` against a real Ray head started by the suite on 127.0.0.1 and a real
 MLflow server: the quickstart runs as a Ray Job and its runs land in the server; a job that fails reports
-FAILED with its error; a wrong address is a one-line error within seconds. The rules a cluster puts on an
-experiment (GPUs, shared output, reachable MLflow) are checked without a cluster, on described nodes.
+FAILED with its error; a wrong address is a one-line error within seconds, a head that is still starting is
+waited for. The rules a cluster puts on an experiment (GPUs, shared output, reachable MLflow) are checked without
+a cluster, on described nodes; what the package holds (never secrets) is listed by ``--dry-run`` without one.
 
 The Ray head is stopped by its own process id and the ids of its descendants (not ``ray stop``, which would
 stop every Ray of this user on the machine, other test sessions' included)."""
@@ -56,13 +57,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CLI_ENV = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+
 def cli(*args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """``python -m gpt2exp.cli ARGS`` from the project root (the folder that ``submit`` uploads)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
     return subprocess.run(
         [sys.executable, "-m", "gpt2exp.cli", *args],
         cwd=ROOT,
-        env=env | {"COLUMNS": "200"},
+        env=CLI_ENV | {"COLUMNS": "200"},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -98,11 +101,11 @@ def _stop_tree(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
+@contextlib.contextmanager
+def running_head(ready: bool = True) -> Iterator[tuple[str, subprocess.Popen]]:
     """``ray start --head`` on 127.0.0.1 with 2 CPUs, free ports and its own temp folder (so no other
-    ``ray.init()`` on this machine joins it); yields the dashboard URL."""
-    _needs_cli()
+    ``ray.init()`` on this machine joins it); yields the dashboard URL and the ``ray start`` process once the
+    head lists its node and answers the Jobs API (``ready``), or as soon as ``ray start`` is started."""
     temp = tempfile.mkdtemp(prefix="gx-", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     dashboard = _free_port()
     cmd = [
@@ -132,7 +135,7 @@ def ray_head() -> Iterator[str]:
     url = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
-        while True:
+        while ready:
             if proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}")
             try:
@@ -146,11 +149,19 @@ def ray_head() -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray head at {url} listed no node within 120 s")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         _stop_tree(proc)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A head that is up (see ``running_head``), for the module."""
+    _needs_cli()
+    with running_head() as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +294,57 @@ def test_pipeline_submit_runs_the_whole_pipeline_as_one_job(ray_head: str, mlflo
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.params["parallel.launcher"] for c in children} == {"ray"} and len(children) == 2
     assert client.get_model_version_by_alias("cluster-best", "best").run_id == run.states["best"].output["run_id"]
+
+
+@pytest.mark.slow
+def test_submit_waits_for_a_head_that_is_starting(corpus_head, tmp_path: Path) -> None:
+    """Submitted as ``ray start --head`` begins, whose dashboard agent is then held stopped for 8 s: the dashboard
+    refuses connections, then the head lists no node (its raylet waits for the agent); submit says once that it
+    waits, and submits once the head is up."""
+    _needs_cli()
+    args = tiny(corpus_head(200_000), "tracking.enabled=false")
+    with running_head(ready=False) as (url, head):
+        t0 = time.monotonic()
+        submit = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpt2exp.cli",
+                "submit",
+                str(QUICKSTART),
+                "--address",
+                url,
+                "--output",
+                str(tmp_path / "out"),
+                *args,
+            ],
+            cwd=ROOT,
+            env=CLI_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        agent = None
+        while agent is None:
+            assert time.monotonic() - t0 < 60, "no dashboard agent started"
+            for p in psutil.Process(head.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any(a.endswith("dashboard/agent.py") for a in p.cmdline()):
+                        agent = p
+            time.sleep(0.02)
+        agent.suspend()
+        try:
+            time.sleep(8)
+        finally:
+            agent.resume()
+        out, err = submit.communicate(timeout=120)
+        print(f"submit as ray start begins took {time.monotonic() - t0:.1f} s")
+        assert submit.returncode == 0, err[-3000:]
+        waiting = [line for line in err.splitlines() if line.startswith("waiting for")]
+        assert len(waiting) == 1 and waiting[0].startswith(f"waiting for the Ray cluster at {url}: "), err
+        assert waiting[0].endswith("(retrying for up to 60 s)")
+        assert str(connect(url).client.get_job_status(out.strip())) in ("PENDING", "RUNNING", "SUCCEEDED")
 
 
 @pytest.mark.slow
@@ -457,6 +519,67 @@ def test_the_package_holds_the_project_and_the_effective_spec(tmp_path: Path) ->
     (other / "data.txt").write_text("hello")
     names = zipfile.ZipFile(build_package(other, "s.yaml", spec_yaml, tmp_path / "q.zip")).namelist()
     assert {"data.txt", "gpt2exp/__init__.py", "gpt2exp/cli.py", f"{SPEC_DIR}/s.yaml"} <= set(names)
+
+
+SECRETS = [
+    ".env",
+    ".env.production",
+    ".ray/auth_token",
+    "id_rsa",
+    "keys/id_ed25519.pub",
+    "server.pem",
+    "tls/site.key",
+    "credentials.json",
+    "conf/aws_credentials",
+    ".git/config",
+    ".venv/bin/python",
+]
+KEPT = ["train.py", "data/corpus.txt", "keyboard.txt", "environment.yaml", "docs/ids.md"]
+
+
+def _project(folder: Path) -> Path:
+    """A project folder with secrets lying about, and an ignore file that tries to bring some back."""
+    for name in [*SECRETS, *KEPT]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(f"contents of {name}\n")
+    (folder / ".rayignore").write_text("!.env\n!id_rsa\n!*.pem\n")
+    return folder
+
+
+def test_the_package_never_holds_secrets(tmp_path: Path) -> None:
+    folder = _project(tmp_path / "project")
+    with zipfile.ZipFile(build_package(folder, "s.yaml", "name: s\n", tmp_path / "p.zip")) as z:
+        names = set(z.namelist())
+    assert set(KEPT) <= names
+    assert not [n for n in names if any(n == s or n.startswith(s.split("/")[0] + "/") for s in SECRETS)], sorted(names)
+
+
+def test_dry_run_lists_the_upload_and_the_entrypoint_without_a_cluster(tmp_path: Path) -> None:
+    _needs_cli()
+    folder, out = _project(tmp_path / "project"), tmp_path / "out"
+    common = ["--dry-run", "--working-dir", str(folder), "--address", "http://127.0.0.1:9", "--output", str(out)]
+    r = cli("submit", str(QUICKSTART), "--set", "model.n_layer=1", "--submission-id", "gpt2exp-dry", *common, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # port 9: any contact would have failed
+    lines = r.stdout.splitlines()
+    assert lines[:2] == [
+        "dry run, nothing sent: job gpt2exp-dry (quickstart, 2 variant(s)) on a cluster of one node on this machine",
+        f"entrypoint: python -m gpt2exp.cli run .gpt2exp-submit/gpt2exp-dry.yaml --launcher ray --output {out} --no-progress",
+    ]
+    files = {line.split()[1]: int(line.split()[0].replace(",", "")) for line in lines[3:]}
+    total = re.fullmatch(rf"upload from {re.escape(str(folder))}: (\d+) file\(s\), ([\d,]+) bytes \([\d,]+ zipped\)", lines[2])
+    assert total and int(total[1]) == len(files) and int(total[2].replace(",", "")) == sum(files.values()), lines[2]
+    assert {*KEPT, ".rayignore", ".gpt2exp-submit/gpt2exp-dry.yaml", "gpt2exp/cli.py"} <= set(files)
+    assert files["train.py"] == len("contents of train.py\n")
+    assert not set(files) & set(SECRETS)
+
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "p", "stages": [{"name": "t", "kind": "run", "spec": str(QUICKSTART)}]}))
+    r = cli("pipeline", "submit", str(pipeline), "--submission-id", "gpt2exp-p", "--autoscaling", *common, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1] == (
+        f"entrypoint: python -m gpt2exp.launch.submit checked-run {out} pipeline run .gpt2exp-submit/gpt2exp-p.yaml "
+        f"--launcher ray --output {out} --no-progress"
+    )
 
 
 def test_entrypoint_is_quoted_and_checks_sharing_on_several_nodes() -> None:

@@ -1,12 +1,14 @@
 """MLflow tracking with a real SQLite store: run hierarchy, params, metric histories, checkpoints
-as logged models, the final pyfunc model (loaded in a fresh process, served by MLflow's own model
-server), registration with alias ``best``, and clear errors for bad model URIs."""
+as logged models, the final pyfunc model (models-from-code with no pickle in it, loaded in a fresh
+process, served by MLflow's own model server, a planted pickle never run), registration with alias
+``best``, and clear errors for bad model URIs."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -18,11 +20,15 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
+import gpt2exp
+from gpt2exp.data.tokenizer import EOT, get_tokenizer
 from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
+from gpt2exp.tracking.pyfunc import load_model
 from gpt2exp.tracking.runs import using
 from gpt2exp.training.checkpoint import load_final
 
@@ -128,6 +134,85 @@ def test_logged_model_loads_in_a_fresh_process_with_the_same_logits(tracked: tup
         timeout=120,
     )
     torch.testing.assert_close(torch.load(out, weights_only=True), expected.detach(), rtol=0, atol=0)
+
+
+def _pickle_that_creates(marker: Path) -> bytes:
+    """A pickle that creates ``marker`` when it is loaded: what a tampered model could hold."""
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str, str]]:
+            return open, (str(marker), "w")
+
+    return pickle.dumps(Payload())
+
+
+def test_logged_model_is_code_and_a_planted_pickle_never_runs(tracked: tuple[object, MlflowClient], tmp_path: Path) -> None:
+    plan, client = tracked
+    run = children(plan, client)["mha"]
+    with using(client.tracking_uri):
+        folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path / "dl")))
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert files == [
+        "MLmodel",
+        "artifacts/model.safetensors",
+        "artifacts/model_spec.json",
+        "conda.yaml",
+        "pyfunc_model.py",
+        "python_env.yaml",
+        "registered_model_meta",  # YAML, written by MLflow's download
+        "requirements.txt",
+    ]
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    assert flavor["model_code_path"].endswith("pyfunc_model.py") and not flavor.get("code")
+
+    proof, pwned = tmp_path / "proof", tmp_path / "pwned"
+    pickle.loads(_pickle_that_creates(proof))
+    assert proof.exists()  # the payload does run when unpickled
+    (folder / "python_model.pkl").write_bytes(_pickle_that_creates(pwned))  # where the cloudpickled class used to be
+    out = mlflow.pyfunc.load_model(str(folder)).predict(
+        pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 4, "temperature": 0.0}
+    )
+    assert isinstance(out[0], str) and load_model(str(folder))[0].spec.n_embd == 32
+    assert not pwned.exists()
+    # MLmodel turned back to the pickle format: gpt2exp's own loading still reads only the weights and the spec
+    del flavor["model_code_path"]
+    flavor |= {"loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl"}
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    assert load_model(str(folder))[0].spec.n_embd == 32 and not pwned.exists()
+
+
+def test_pyfunc_in_a_fresh_process_gives_the_greedy_tokens_of_the_model_in_memory(
+    tracked: tuple[object, MlflowClient], tmp_path: Path
+) -> None:
+    plan, client = tracked
+    run = children(plan, client)["mqa"]
+    model, tokenizer = load_final(Path(plan.jobs[1].run_dir) / "final").eval(), get_tokenizer()
+    prompts, expected = ["ROMEO:", "To be"], []
+    for prompt in prompts:
+        idx = torch.tensor([tokenizer.encode(prompt)])
+        tokens = model.generate(idx, 8, temperature=0.0, eos=EOT)[0, idx.size(1) :].tolist()
+        expected.append(tokenizer.decode([t for t in tokens if t != EOT]))
+    script = (
+        "import json, sys, mlflow, pandas as pd; mlflow.set_tracking_uri(sys.argv[1]);"
+        "m = mlflow.pyfunc.load_model(sys.argv[2]);"
+        "out = m.predict(pd.DataFrame({'prompt': json.loads(sys.argv[3])}), params={'max_new_tokens': 8, 'temperature': 0.0});"
+        "print(json.dumps({'out': list(out), 'gpt2exp': sys.modules['gpt2exp'].__file__}))"
+    )
+    env = os.environ | {"PYTHONPATH": "", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # MLflow refuses pickled models
+    proc = subprocess.run(
+        [sys.executable, "-c", script, client.tracking_uri, f"runs:/{run.info.run_id}/model", json.dumps(prompts)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout.splitlines()[-1])
+    assert answer["out"] == expected and all(expected)
+    assert answer["gpt2exp"] == gpt2exp.__file__  # the installed package, no copy from the model
 
 
 def test_pyfunc_generates_text_and_the_registered_best_resolves(tracked: tuple[object, MlflowClient]) -> None:
@@ -242,8 +327,6 @@ def test_run_logs_into_a_real_mlflow_server_and_a_rerun_adds_no_runs(corpus: Pat
         kid = next(r for r in runs if r.data.tags.get("gpt2exp.variant") == "mqa")
         assert [m.step for m in client.get_metric_history(kid.info.run_id, "val_loss")] == [4, 8]
         model_id = client.search_logged_models([exp.experiment_id], filter_string="name = 'model'")[0].model_id
-        from gpt2exp.tracking.pyfunc import load_model
-
         with using(url):
             assert load_model(f"models:/{model_id}")[0].spec.n_embd == 32
         again = run_plan(make_plan(validate_spec(raw), tmp_path / "out", show_progress=False), "local", show_progress=False)

@@ -7,11 +7,19 @@ small machine starting a private cluster is seconds of waiting for its processes
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import psutil
 
 # Ray's Train controller polls workers every 2 s by default, which makes each report (and the end
 # of every run) wait; 0.2 s keeps that latency small. Single-machine Ray binds to loopback.
@@ -25,7 +33,9 @@ T = TypeVar("T")
 
 def ensure_ray() -> None:
     """Join the cluster at RAY_ADDRESS, or start a private one on this machine (127.0.0.1).
-    Call it on the main thread (Ray installs signal handlers)."""
+    Call it on the main thread (Ray installs signal handlers). A private cluster goes with this process:
+    at exit, and on SIGTERM as on Ctrl-C (both raise KeyboardInterrupt, so a run records that it was
+    interrupted and ``shutdown`` follows)."""
     import ray
 
     if ray.is_initialized():
@@ -45,7 +55,40 @@ def ensure_ray() -> None:
     if own_cluster():
         atexit.unregister(shutdown)  # once, however often Ray is started in this process
         atexit.register(shutdown)  # runs before Ray's own exit hook (registered at import)
+        # Ray's own SIGTERM handler raises SystemExit wherever the main thread is, and the interpreter then
+        # waits for the training threads, with the cluster still up
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+        _watch_driver()
         _start_autoscaling_coordinator()
+
+
+# The watchdog of a private cluster: while the driver lives it notes the driver's descendants (Ray's processes
+# rename themselves, so they are known by ancestry); when the driver is gone without shutting Ray down
+# (SIGKILL, a crash), it kills those still running (Ray 2.60's agents outlive their raylet).
+WATCHDOG = """
+import os, sys, time, psutil
+seen = {}
+try:
+    driver = psutil.Process(int(sys.argv[1]))
+    while driver.status() != psutil.STATUS_ZOMBIE:
+        seen.update((p.pid, p) for p in driver.children(recursive=True) if p.pid != os.getpid())
+        time.sleep(0.5)
+except psutil.Error:
+    pass
+for p in seen.values():
+    try:
+        p.kill()  # psutil checks that the pid still names the same process
+    except psutil.Error:
+        pass
+"""
+
+
+def _watch_driver() -> None:
+    """Start the watchdog (a process of its own session, so a kill of this process group spares it)."""
+    null = subprocess.DEVNULL
+    argv = [sys.executable, "-c", WATCHDOG, str(os.getpid())]
+    subprocess.Popen(argv, stdin=null, stdout=null, stderr=null, start_new_session=True, close_fds=True)
 
 
 def _quiet_auth_on(record: logging.LogRecord) -> bool:
@@ -88,10 +131,30 @@ def shutdown() -> None:
     """``ray.shutdown()`` without waiting 1 s for the autoscaler monitor of a cluster this process
     started to obey SIGTERM (on one machine it has nothing to tidy up, so it is killed outright).
     At exit it also runs instead of Ray's own hook, which sleeps 0.5 s for worker log lines that
-    log_to_driver=False never sends."""
+    log_to_driver=False never sends. Of a private cluster nothing is left: what its processes started
+    (agents, workers) and still runs after Ray's shutdown is killed."""
+    import psutil
     import ray
 
+    tree: list[psutil.Process] = []
     if own_cluster():
-        for info in ray._private.worker._global_node.all_processes.get(ray._private.ray_constants.PROCESS_TYPE_MONITOR, []):
+        processes = ray._private.worker._global_node.all_processes
+        for info in processes.get(ray._private.ray_constants.PROCESS_TYPE_MONITOR, []):
             info.process.kill()
+        tree = _process_trees([info.process.pid for infos in processes.values() for info in infos])
     ray.shutdown()
+    for process in tree:  # left by Ray's shutdown: its agents notice the end of their raylet seconds later
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def _process_trees(pids: list[int]) -> list[psutil.Process]:
+    """The processes ``pids`` and all their descendants that are alive."""
+    import psutil
+
+    tree = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            tree += [root, *root.children(recursive=True)]
+    return tree

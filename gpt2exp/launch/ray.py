@@ -5,8 +5,8 @@ has room.
 
 This module is the driver's side (it imports neither torch nor the model); ``ray_worker`` is the
 workers'. Workers send metric records to a small actor that the driver drains for the progress view;
-``ray.train.report`` is called only with checkpoints (it is a barrier across workers), and
-checkpoints upload asynchronously so steps do not wait for storage.
+``ray.train.report`` is called only with checkpoints (it is a barrier across workers); it returns once
+the checkpoint is in storage and reported, and only then is it logged to MLflow as a logged model.
 
 A private cluster (no RAY_ADDRESS) is run lean, for a small machine: no prestarted idle workers,
 no Ray Train helper actors that have nothing to do there, and a shutdown without Ray's waits."""

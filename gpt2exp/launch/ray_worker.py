@@ -43,6 +43,8 @@ class RaySession:
         return restore_newest(sorted(ours, reverse=True), read, self.emit, self.job.total_steps)
 
     def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
+        """Report this rank's part to Ray; returns once it is in storage and reported (Ray's controller takes it
+        at its next poll), so the loop logs the checkpoint to MLflow only then."""
         folder = Path(tempfile.mkdtemp(prefix="gpt2exp-ckpt-"))
         write(folder)
         name = f"{self.prefix}{metrics['step']:08d}"
@@ -50,7 +52,7 @@ class RaySession:
             {k: v for k, v in metrics.items() if v is not None},
             checkpoint=Checkpoint.from_directory(str(folder)),
             checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC,
             delete_local_checkpoint_after_upload=True,
         )
         return str(Path(self.job.run_dir).parents[2] / "ray" / ray.train.get_context().get_experiment_name() / name)

@@ -5,6 +5,7 @@ ones resume from their last checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 from gpt2exp.data.sources import find_files
 from gpt2exp.errors import one_line
 from gpt2exp.launch.cluster import beside_ray
-from gpt2exp.launch.plan import Plan, make_plan, read_status, write_status
+from gpt2exp.launch.lock import exclusive
+from gpt2exp.launch.plan import Plan, experiment_dir, make_plan, read_status, write_status
 from gpt2exp.launch.progress import ProgressView
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.training.job import Diverged, TrainJob
@@ -62,13 +64,28 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
 
 
 class Recorder:
-    """Where metric records go on the driver: the progress view and ``<run_dir>/metrics.jsonl``."""
+    """Where metric records go on the driver: the progress view and ``<run_dir>/metrics.jsonl``. Like the
+    MLflow run, the file holds each step once: a resume re-runs the steps after its checkpoint, and those
+    already written are not written again. (Under Ray a step can be missing instead: records in flight
+    from the workers when the driver is killed are lost, and the steps up to the checkpoint are not re-run.)"""
 
     def __init__(self, plan: Plan, view: ProgressView) -> None:
         self.view, self.run_dirs = view, {j.key: Path(j.run_dir) for j in plan.jobs}
+        self.steps: dict[str, set[int]] = {}
+        for key, run_dir in self.run_dirs.items():
+            path = run_dir / METRICS
+            text = path.read_text(errors="replace") if path.is_file() else ""
+            if text and not text.endswith("\n"):  # a line cut short (say, by a full disk): the next record starts afresh
+                with open(path, "a") as f:
+                    f.write("\n")
+            self.steps[key] = {r["step"] for r in parse_records(text) if r.get("event") == "step"}
 
     def record(self, key: str, record: dict[str, Any]) -> None:
         self.view.record(key, record)
+        if record.get("event") == "step":
+            if record["step"] in self.steps[key]:
+                return
+            self.steps[key].add(record["step"])
         self.run_dirs[key].mkdir(parents=True, exist_ok=True)
         with open(self.run_dirs[key] / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -77,10 +94,19 @@ class Recorder:
         self.view.status(key, status)
 
 
+def parse_records(text: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` text; a line cut short is left out."""
+    records = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
 def read_metrics(job: TrainJob) -> pd.DataFrame:
     """The step records of a run (one row per logged step)."""
     path = Path(job.run_dir) / METRICS
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = parse_records(path.read_text(errors="replace")) if path.is_file() else []
     return pd.DataFrame([r for r in rows if r.get("event") == "step"])
 
 
@@ -110,6 +136,7 @@ def run_experiment(
     the Ray launcher, Ray starts on the main thread while the data is prepared and MLflow set up."""
     out = console or Console()
     launcher = spec.parallel.launcher
+    out_dir = out_dir or experiment_dir(spec, output)
 
     def prepare() -> tuple[Plan, ExperimentTracker | None]:
         plan = make_plan(spec, output, show_progress=show_progress, out_dir=out_dir)
@@ -118,18 +145,26 @@ def run_experiment(
         )
         return plan, set_up(plan, launcher)
 
-    if launcher == "ray":  # a data path that names nothing is reported before Ray starts
-        for path in {v.spec.data.path for v in spec.expand()} - {None}:
-            find_files(path)
-    plan, tracker = beside_ray(prepare, start=launcher == "ray")
-    return plan, execute(plan, launcher, tracker, console, show_progress)
+    with one_writer(out_dir):
+        if launcher == "ray":  # a data path that names nothing is reported before Ray starts
+            for path in {v.spec.data.path for v in spec.expand()} - {None}:
+                find_files(path)
+        plan, tracker = beside_ray(prepare, start=launcher == "ray")
+        return plan, execute(plan, launcher, tracker, console, show_progress)
 
 
 def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_progress: bool = True) -> pd.DataFrame:
     """Run the plan's unfinished jobs and return (and write) the results table. With the Ray launcher,
     Ray starts on the main thread while MLflow is set up."""
-    tracker = beside_ray(lambda: set_up(plan, launcher), start=launcher == "ray" and bool(plan.pending()))
-    return execute(plan, launcher, tracker, console, show_progress)
+    with one_writer(plan.out_dir):
+        tracker = beside_ray(lambda: set_up(plan, launcher), start=launcher == "ray" and bool(plan.pending()))
+        return execute(plan, launcher, tracker, console, show_progress)
+
+
+def one_writer(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """``<out_dir>/.lock``, held while this process runs the experiment there: another run of it is turned
+    away at once, saying who holds it. Under torchrun rank 0 holds it for the whole group."""
+    return exclusive(out_dir / ".lock") if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
 
 
 def set_up(plan: Plan, launcher: str) -> ExperimentTracker | None:

@@ -3,16 +3,19 @@
 ``gpt2exp submit SPEC --address http://HEAD:8265`` does, on the client:
 
 1. validates the spec with its ``--set`` overrides (and ``parallel.launcher=ray``), as ``gpt2exp run`` would;
-2. reaches the cluster's dashboard (a short timeout: a wrong address is a one-line error within seconds) and
+2. reaches the cluster's dashboard (a short timeout: a wrong address is a one-line error within seconds; a head
+   that is still starting, refusing connections while ``ray start`` runs here, listing no node yet or answering
+   "try again later", is waited for up to a minute, saying so once) and
    sends the cluster's token when the cluster wants one (Ray's token authentication: the token comes from
    ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, as with Ray's own tools);
 3. asks the cluster for its alive nodes and their resources (the dashboard's state API, ``/api/v0/nodes``)
    and checks the rules a cluster puts on an experiment: the workers fit, and on a multi-node cluster the
    output folder, the token cache and the MLflow tracking URI are reachable from every node;
 4. packs the project folder (the working directory: ``.gitignore``, ``.rayignore`` and ``--exclude`` are
-   honoured, as Ray does for a ``working_dir``) into a zip together with the *effective* spec (the YAML with
-   the overrides applied) at ``.gpt2exp-submit/<submission id>.yaml``, so the job runs exactly what was
-   validated here, wherever the spec file lived;
+   honoured, as Ray does for a ``working_dir``; ``SECRETS`` such as ``.env`` files, keys and Ray's token are
+   always left out) into a zip together with the *effective* spec (the YAML with the overrides applied) at
+   ``.gpt2exp-submit/<submission id>.yaml``, so the job runs exactly what was validated here, wherever the
+   spec file lived;
 5. submits ``python -m gpt2exp.cli run .gpt2exp-submit/<id>.yaml --launcher ray --output OUT --no-progress``
    with that zip as ``working_dir`` and the environment the job needs (tracking URI, caches, Ray Train's
    poll interval), under a submission id that names the experiment: ``gpt2exp-<spec name>-<UTC time>``.
@@ -27,6 +30,8 @@ the driver runs on the head node, its Ray Train workers wherever the cluster has
 On a multi-node cluster the entrypoint is ``python -m gpt2exp.launch.submit checked-run OUT SPEC ...``: in the
 same driver process, a marker written into the output folder must be visible from every node (the one reliable
 test that the folder is on a shared filesystem; a client cannot see that from outside), then ``gpt2exp run``.
+
+``--dry-run`` stops before step 2: it lists what the package holds and the entrypoint, contacting no one.
 
 Everything here raises :class:`SubmitError` (a one-line message and an exit code) for the CLI to print.
 """
@@ -63,7 +68,10 @@ CONNECT_TIMEOUT_S = 5.0  # the dashboard answers in milliseconds; a wrong addres
 SPEC_DIR = ".gpt2exp-submit"  # where the effective spec lies inside the uploaded package
 PACKAGE_LIMIT = 100 * 1024**2  # Ray refuses working_dir packages of 100 MiB and more
 PACKAGE_WARNING = 25 * 1024**2
-ALWAYS_EXCLUDED = [".git", ".venv", "venv", "__pycache__", SPEC_DIR]  # Ray's defaults, plus ours
+RETRY_S = 60.0  # how long a cluster's transient answers (a head still starting, "try again later") are waited out
+# never uploaded, whatever the ignore files say: dotenv files, Ray's token folder, SSH keys, keys, credentials
+SECRETS = [".env*", ".ray/", "id_*", "*.pem", "*.key", "*credentials*"]
+ALWAYS_EXCLUDED = [".git", ".venv", "venv", "__pycache__", SPEC_DIR, *SECRETS]  # Ray's defaults, plus ours
 OBJECT_STORES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://")
 FILE_STORES = ("sqlite:", "file:")
 JOB_ENV_DEFAULTS = {
@@ -82,6 +90,38 @@ class SubmitError(Gpt2expError):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.message, self.code = message, code
+
+
+class Unreachable(SubmitError):
+    """No answer from the dashboard; ``refused``: nothing listens at its address."""
+
+    def __init__(self, message: str, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Patience:
+    """Waits out a cluster's transient answers, for up to ``RETRY_S`` in all, saying once that it waits."""
+
+    address: str
+    say: Callable[[str], None] = _stderr
+    deadline: float | None = None
+
+    def wait(self, why: str) -> bool:
+        """Sleep a moment and return True (try again), or False once the time is up."""
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + RETRY_S
+            self.say(f"waiting for the Ray cluster at {self.address}: {why} (retrying for up to {RETRY_S:g} s)")
+        if now >= self.deadline:
+            return False
+        time.sleep(min(0.5, self.deadline - now))
+        return True
 
 
 # ------------------------------------------------------------------------------------- connecting
@@ -118,20 +158,60 @@ def find_token() -> tuple[str, str] | None:
     return None
 
 
-def _unreachable(url: str, reason: object) -> SubmitError:
+def _unreachable(url: str, reason: object) -> Unreachable:
     why = getattr(reason, "reason", reason)
+    refused = isinstance(why, ConnectionRefusedError) or "refused" in str(why)
     if isinstance(why, (socket.timeout, TimeoutError)) or "timed out" in str(why):
         text = f"no answer within {CONNECT_TIMEOUT_S:g} s"
-    elif isinstance(why, ConnectionRefusedError) or "refused" in str(why):
+    elif refused:
         text = "connection refused"
     elif isinstance(why, socket.gaierror):
         text = "unknown host"
     else:
         text = str(why)
-    return SubmitError(
+    return Unreachable(
         f"cannot reach a Ray dashboard at {url} ({text}): check the address and port (default 8265) and that the "
-        "cluster runs (`ray start --head --dashboard-host=0.0.0.0` to reach it from other machines)"
+        "cluster runs (`ray start --head --dashboard-host=0.0.0.0` to reach it from other machines)",
+        refused,
     )
+
+
+def head_starting_here(url: str) -> bool:
+    """Whether a Ray head whose dashboard is to listen at ``url`` is starting on this machine: a ``ray start
+    --head`` still runs (``--block`` runs for good) or a Ray dashboard process exists, for that port. Then
+    a refused connection means "not yet"; any other refused connection is a wrong address."""
+    import psutil
+
+    parsed = urllib.parse.urlparse(url)
+    if not is_local_host(parsed.hostname or ""):
+        return False
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if _dashboard_port(process.info["cmdline"] or []) == parsed.port:
+                return True
+    return False
+
+
+def _dashboard_port(args: list[str]) -> int | None:
+    """The dashboard port of a ``ray start --head`` or Ray dashboard command line (else None; a private
+    cluster's dashboard process serves no HTTP: ``--disable-frontend``)."""
+    if "--disable-frontend" in args:
+        return None
+    if any(a.endswith("dashboard/dashboard.py") for a in args):
+        flag, port = "--port", None
+    elif "--head" in args and "start" in args and any(Path(a).name == "ray" for a in args[:2]):
+        flag, port = "--dashboard-port", 8265
+    else:
+        return None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{flag}="):
+            port = arg.split("=", 1)[1]
+        elif arg == flag and i + 1 < len(args):
+            port = args[i + 1]
+    try:
+        return int(port) if port is not None else None
+    except ValueError:
+        return None
 
 
 def http_json(url: str, headers: dict[str, str] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Any:
@@ -247,20 +327,28 @@ def is_local_host(host: str) -> bool:
     return bool(ips & mine)
 
 
-def connect(address: str | None = None) -> Cluster:
-    """Reach the dashboard at ``address`` (or RAY_ADDRESS) and learn whether it wants a token.
+def connect(address: str | None = None, patience: Patience | None = None) -> Cluster:
+    """Reach the dashboard at ``address`` (or RAY_ADDRESS) and learn whether it wants a token; a refused
+    connection to a head that is starting on this machine is retried (``patience``).
 
     ``/api/authentication_mode`` is the one endpoint Ray serves without a token: it says ``token`` when the
     cluster runs Ray's token authentication (the default of ``ray start`` once a token exists). The token is
     then sent as ``Authorization: Bearer ...`` on every request, so nobody has to set ``RAY_AUTH_MODE``."""
     url = resolve_address(address)
+    patience = patience or Patience(url)
     not_ray = "that is not a Ray dashboard (the dashboard listens on port 8265 by default)"
-    try:
-        mode = http_json(f"{url}/api/authentication_mode").get("authentication_mode", "disabled")
-    except urllib.error.HTTPError as e:
-        if e.code != 404:  # 404: a Ray without token authentication (older than 2.52), or not Ray at all
-            raise SubmitError(f"{url} answered HTTP {e.code} {e.reason}: {not_ray}") from None
-        mode = "disabled"
+    while True:
+        try:
+            mode = http_json(f"{url}/api/authentication_mode").get("authentication_mode", "disabled")
+            break
+        except urllib.error.HTTPError as e:
+            if e.code != 404:  # 404: a Ray without token authentication (older than 2.52), or not Ray at all
+                raise SubmitError(f"{url} answered HTTP {e.code} {e.reason}: {not_ray}") from None
+            mode = "disabled"
+            break
+        except Unreachable as e:
+            if not (e.refused and head_starting_here(url) and patience.wait("its head is starting")):
+                raise
     cluster = Cluster(url, {})
     if mode == "token":
         found = find_token()
@@ -612,18 +700,15 @@ def plan_submission(
     working_dir: Path | None = None,
     autoscaling: bool = False,
     submission_id: str | None = None,
+    patience: Patience | None = None,
 ) -> Plan:
-    """Check the cluster rules for the payload; everything that will be submitted, nothing sent yet."""
-    if working_dir is not None and not Path(working_dir).is_dir():
-        raise SubmitError(f"--working-dir {working_dir} is not a folder", 2)
-    nodes = cluster.nodes()
-    for _ in range(20):  # a head that has just started can list no node for a moment
-        if nodes:
-            break
-        time.sleep(0.25)
-        nodes = cluster.nodes()
-    if not nodes:
-        raise SubmitError(f"the Ray cluster at {cluster.address} has no alive nodes")
+    """Check the cluster rules for the payload; everything that will be submitted, nothing sent yet. A head that
+    lists no alive node yet (it is starting) is waited for (``patience``)."""
+    folder = project_folder(working_dir)
+    patience = patience or Patience(cluster.address)
+    while not (nodes := cluster.nodes()):
+        if not patience.wait("it lists no alive node yet"):
+            raise SubmitError(f"the Ray cluster at {cluster.address} has no alive nodes")
     multi_node = len(nodes) > 1 or autoscaling
     here = cluster.on_this_machine(nodes)
     uri = (payload.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) if payload.tracking else None
@@ -665,10 +750,17 @@ def plan_submission(
         tracking_uri=uri,
         env_vars=job_env(uri, out, multi_node, here),
         entrypoint=entrypoint(f"{SPEC_DIR}/{sid}.yaml", out, multi_node, payload.command, payload.extra_args),
-        working_dir=(working_dir or Path.cwd()).resolve(),
+        working_dir=folder,
         nodes=nodes,
         notes=notes,
     )
+
+
+def project_folder(working_dir: Path | None) -> Path:
+    """The folder to upload: ``working_dir`` (it must be a folder), else the current one."""
+    if working_dir is not None and not Path(working_dir).is_dir():
+        raise SubmitError(f"--working-dir {working_dir} is not a folder", 2)
+    return (working_dir or Path.cwd()).resolve()
 
 
 def describe_nodes(nodes: list[Node]) -> str:
@@ -712,15 +804,20 @@ def send(
     excludes: Iterable[str] = (),
     autoscaling: bool = False,
     submission_id: str | None = None,
-    say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
+    say: Callable[[str], None] = _stderr,
     write: Callable[[str], None] | None = None,
+    dry_run: bool = False,
 ) -> str:
     """Check the cluster, pack the project with the payload's YAML, submit; returns the submission id.
 
     ``say`` gets the short notes (to stderr by default); with ``follow`` the job's logs stream through ``write``
-    (stdout) and a job that does not succeed raises :class:`SubmitError` with its status and error line."""
-    cluster = connect(address)
-    plan = plan_submission(cluster, payload, output, working_dir, autoscaling, submission_id)
+    (stdout) and a job that does not succeed raises :class:`SubmitError` with its status and error line.
+    ``dry_run``: only :func:`show_dry_run`, through ``write``."""
+    if dry_run:
+        return show_dry_run(payload, output, working_dir, excludes, autoscaling, submission_id, write or _stdout)
+    patience = Patience(resolve_address(address), say)
+    cluster = connect(address, patience)
+    plan = plan_submission(cluster, payload, output, working_dir, autoscaling, submission_id, patience)
     say(f"cluster {cluster.address}: {describe_nodes(plan.nodes)}, Ray {cluster.ray_version}")
     if cluster.ray_version and cluster.ray_version.split(".")[:2] != _local_ray_version().split(".")[:2]:
         say(
@@ -741,7 +838,7 @@ def send(
             "gpt2exp.output": plan.output,
             "gpt2exp.tracking_uri": plan.tracking_uri or "",
         }
-        sid = _submit_job(cluster, plan, package, metadata)
+        sid = _submit_job(cluster, plan, package, metadata, patience)
     say(f"submitted {sid} ({payload.name}, {payload.summary}) · output {plan.output}")
     if plan.tracking_uri and not is_file_store(plan.tracking_uri):
         say(f"MLflow: {plan.tracking_uri} (experiment {payload.mlflow_experiment})")
@@ -752,31 +849,66 @@ def send(
     return sid
 
 
+def show_dry_run(
+    payload: Payload,
+    output: str | os.PathLike[str] | None,
+    working_dir: Path | None,
+    excludes: Iterable[str],
+    autoscaling: bool,
+    submission_id: str | None,
+    write: Callable[[str], None],
+) -> str:
+    """What :func:`send` would run and upload, contacting no one: the entrypoint (as on a cluster of one node on
+    this machine; with ``autoscaling``, of several nodes) and every file of the package, built as for the job,
+    with its size in bytes. Returns the submission id it would use."""
+    folder = project_folder(working_dir)
+    out = check_output(None if output is None else str(output), autoscaling, on_this_machine=True)
+    sid = submission_id or new_submission_id(payload.name)
+    command = entrypoint(f"{SPEC_DIR}/{sid}.yaml", out, autoscaling, payload.command, payload.extra_args)
+    with tempfile.TemporaryDirectory(prefix="gpt2exp-submit-") as tmp:
+        package = build_package(folder, f"{sid}.yaml", payload.yaml_text, Path(tmp) / "package.zip", excludes)
+        with zipfile.ZipFile(package) as z:
+            files = sorted((i for i in z.infolist() if not i.is_dir()), key=lambda i: i.filename)
+        zipped = package.stat().st_size
+    where = "several nodes" if autoscaling else "one node on this machine"
+    lines = [
+        f"dry run, nothing sent: job {sid} ({payload.name}, {payload.summary}) on a cluster of {where}",
+        f"entrypoint: {command}",
+        f"upload from {folder}: {len(files)} file(s), {sum(i.file_size for i in files):,} bytes ({zipped:,} zipped)",
+        *(f"{i.file_size:>12,}  {i.filename}" for i in files),
+    ]
+    write("\n".join(lines) + "\n")
+    return sid
+
+
 def _local_ray_version() -> str:
     from importlib.metadata import version
 
     return version("ray")
 
 
-def _submit_job(cluster: Cluster, plan: Plan, package: Path, metadata: dict[str, str]) -> str:
+def _submit_job(cluster: Cluster, plan: Plan, package: Path, metadata: dict[str, str], patience: Patience) -> str:
+    """Submit under the plan's id (``-2`` ... ``-5`` when taken); Ray's "try again later" is waited out."""
     runtime_env = {"working_dir": str(package), "env_vars": plan.env_vars}
-    sid = plan.submission_id
-    for attempt in range(1, 6):
+    sid, attempt = plan.submission_id, 1
+    while True:
         try:
             return cluster.client.submit_job(
                 entrypoint=plan.entrypoint, submission_id=sid, runtime_env=runtime_env, metadata=metadata
             )
         except RuntimeError as e:
             if "already exists" in str(e) and attempt < 5:  # two submissions in the same second
-                sid = f"{plan.submission_id}-{attempt + 1}"
+                attempt += 1
+                sid = f"{plan.submission_id}-{attempt}"
                 plan.entrypoint = plan.entrypoint.replace(f"{plan.submission_id}.yaml", f"{sid}.yaml")
                 with zipfile.ZipFile(package, "a") as z:
                     z.writestr(f"{SPEC_DIR}/{sid}.yaml", plan.payload.yaml_text)
                 continue
+            if "try again later" in str(e) and patience.wait(_ray_answer(e)):
+                continue
             raise _job_api_error(cluster, e, "submit the job") from None
         except Exception as e:
             raise _job_api_error(cluster, e, "submit the job") from None
-    raise AssertionError("unreachable")
 
 
 def _job_api_error(cluster: Cluster, e: Exception, doing: str) -> SubmitError:
@@ -788,8 +920,12 @@ def _job_api_error(cluster: Cluster, e: Exception, doing: str) -> SubmitError:
         return auth_error(cluster.address, 403 if "failed" in str(e) else 401, cluster.token_source)
     if isinstance(e, (ConnectionError, OSError)) and not isinstance(e, FileNotFoundError):
         return _unreachable(cluster.address, e)
-    text = _first_line(str(e)).removeprefix("Request failed with status code ")
-    return SubmitError(f"could not {doing} on {cluster.address}: {text}")
+    return SubmitError(f"could not {doing} on {cluster.address}: {_ray_answer(e)}")
+
+
+def _ray_answer(e: Exception) -> str:
+    """The first line of a Jobs client error, e.g. ``500: No available agent to submit job, please try again later``."""
+    return _first_line(str(e)).removeprefix("Request failed with status code ").rstrip(".")
 
 
 # ------------------------------------------------------------------------------------- following

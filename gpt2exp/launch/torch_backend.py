@@ -5,14 +5,19 @@ wraps the training function, and in the Train controller (a process of its own) 
 the workers; 1.3-1.5 s of CPU each on 2 cores, on the path to the first step. This configuration
 has the same fields and meaning, and loads Ray's own torch backend and context only where they act:
 on the workers, and in the controller once the workers are up. The process group set-up is Ray's,
-unchanged."""
+but for one thing on the private cluster (a node address on loopback): there the rendezvous store of
+rank 0 listens on 127.0.0.1 (torch's own ``TCPStore`` server listens on every interface, whatever
+``MASTER_ADDR`` says) and gloo's connections use the loopback interface."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ray.train.backend import Backend, BackendConfig
+
+_store: Any = None  # on worker 0 of a group on loopback: the TCPStore server that every rank joins
 
 
 @dataclass
@@ -63,11 +68,75 @@ class _LateTorchBackend(Backend):
 
         return _TorchBackend()
 
-    def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
-        self._ray().on_start(worker_group, backend_config)
+    def on_start(self, worker_group: Any, backend_config: LateTorchConfig) -> None:
+        port = None
+        if backend_config.backend in ("gloo", "nccl") and backend_config.init_method == "env":
+            port = worker_group.execute_single(0, _serve_store_on_loopback, backend_config.timeout_s)
+        if port is None:
+            self._ray().on_start(worker_group, backend_config)
+            return
+        import ray
+        from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
+
+        worker_group.execute(_join_store_on_loopback, port)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        setup = [
+            worker_group.execute_single_async(
+                rank,
+                _setup_torch_process_group,
+                backend=backend_config.backend,
+                world_rank=rank,
+                world_size=len(worker_group),
+                init_method="env://",
+                timeout_s=backend_config.timeout_s,
+            )
+            for rank in range(len(worker_group))
+        ]
+        ray.get(setup)
 
     def on_training_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
         self._ray().on_training_start(worker_group, backend_config)
 
     def on_shutdown(self, worker_group: Any, backend_config: BackendConfig) -> None:
         self._ray().on_shutdown(worker_group, backend_config)
+
+
+def _serve_store_on_loopback(timeout_s: int) -> int | None:
+    """On worker 0, when its node's Ray address is loopback: a TCPStore server on a socket bound to
+    127.0.0.1, kept for the life of the worker; its port. Else None."""
+    import ipaddress
+    import socket
+    from datetime import timedelta
+
+    import ray
+
+    global _store
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return None
+    from torch.distributed import TCPStore
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    _store = TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=sock.detach(),
+    )
+    return port
+
+
+def _join_store_on_loopback(port: int) -> None:
+    """On every worker: rendezvous at worker 0's store as a client (torch's agent-store mode, where rank 0
+    starts no server of its own), and gloo on the loopback interface."""
+    import psutil
+
+    names = [name for name, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)]
+    loopback = names[0] if names else "lo"
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", GLOO_SOCKET_IFNAME=loopback
+    )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def _resolve(name_or_path: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", "*.safetensors"]))
     except Exception as e:  # offline, unknown repo, ...
-        raise RuntimeError(
+        raise Gpt2expError(
             f"could not fetch {name_or_path!r} from the Hugging Face hub ({type(e).__name__}); "
             "pass a local folder with config.json and model.safetensors instead"
         ) from None

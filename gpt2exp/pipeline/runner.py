@@ -9,13 +9,9 @@ it in fresh folders (``<stage>.<attempt>``). Folders: ``<output>/<pipeline>/<run
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpt2exp.errors import Gpt2expError, check_inside, one_line
+from gpt2exp.launch.lock import exclusive
 from gpt2exp.pipeline.spec import PipelineSpec, PrepareStage, RunStage, Stage
 from gpt2exp.pipeline.stages import RUNNERS, Context, StageFailed
 from gpt2exp.pipeline.state import PipelineRun, StageState
@@ -59,24 +56,6 @@ def is_done(stage: Stage, state: StageState | None, digest: str) -> bool:
     if state is None or state.status != "completed" or state.fingerprint != digest:
         return False
     return not isinstance(stage, PrepareStage) or Path(state.output.get("dir", "")).is_dir()
-
-
-@contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """One process at a time runs a pipeline in an output folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise PipelineError(
-                f"this pipeline is already running in {path.parent} (pid {fh.read().strip() or '?'}); wait for it or stop it"
-            ) from None
-        fh.truncate(0)
-        fh.write(str(os.getpid()))
-        fh.flush()
-        yield
 
 
 def run_pipeline(

@@ -37,6 +37,7 @@ from mlflow.exceptions import MlflowException
 
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.report.stats import ALPHA, POWER, holm, mdd, mean_ci, paired_p_value, verdict
+from gpt2exp.tracking.store import check_store
 
 FORMATS = ("table", "markdown", "csv", "json")
 HIGHER_IS_BETTER = ("tokens_per_sec", "mfu", "tokens_seen", "accuracy")  # any other metric: lower is better
@@ -113,14 +114,6 @@ class Runs:
         return df
 
 
-def _store_check(tracking_uri: str) -> None:
-    """A SQLite URI whose file does not exist would silently create an empty store."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
-        if not path.is_file():
-            raise ReportError(f"no MLflow store at {path} (give the --output folder of `gpt2exp run`, or --tracking-uri)")
-
-
 def _spec_of(client: MlflowClient, parent_id: str) -> tuple[list[str], str | None]:
     """Variant names (in the spec's order) and baseline from the parent run's ``spec.yaml``."""
     try:
@@ -138,7 +131,7 @@ def _spec_of(client: MlflowClient, parent_id: str) -> tuple[list[str], str | Non
 
 def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> Runs:
     """The child runs of ``parent_run_id``, else of the experiment's latest parent run (by start time)."""
-    _store_check(tracking_uri)
+    check_store(tracking_uri, ReportError)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

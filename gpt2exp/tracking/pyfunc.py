@@ -1,14 +1,13 @@
 """Trained models as MLflow pyfunc models, and loading any model back by URI.
 
-The logged model carries the weights (``model.safetensors``), the model spec and the gpt2exp
-package itself (``code_paths``), so a fresh process with only the pip requirements installed
-can load it, with no access to the training code's working directory. Input: a DataFrame with a
-``prompt`` column; params: max_new_tokens, temperature, top_k, top_p, seed; output: the
-generated text (prompt excluded)."""
+The logged model is MLflow's models-from-code: the weights (``model.safetensors``), the model spec
+(JSON) and ``pyfunc_model.py`` stored as plain source, which builds ``GPTPyfunc`` from the installed
+gpt2exp package. Nothing is pickled, so loading runs only gpt2exp's code and that file (the
+environment needs gpt2exp installed). Input: a DataFrame with a ``prompt`` column; params:
+max_new_tokens, temperature, top_k, top_p, seed; output: the generated text (prompt excluded)."""
 
 from __future__ import annotations
 
-import logging
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -17,16 +16,16 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-import gpt2exp
-import gpt2exp.tracking.runs  # MLflow's environment defaults: no telemetry, no progress bars
+import gpt2exp.tracking.runs  # noqa: F401  MLflow's environment defaults: no telemetry, no progress bars
 from gpt2exp.model import GPT
 from gpt2exp.training.checkpoint import MODEL_SPEC, WEIGHTS, load_final
 
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 1337}
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # stored in the model as plain source
 
 
 class GPTPyfunc(mlflow.pyfunc.PythonModel):
-    """Text in, text out."""
+    """Text in, text out; built by ``pyfunc_model.py`` when MLflow loads the model."""
 
     def load_context(self, context: Any) -> None:
         from gpt2exp.data.tokenizer import get_tokenizer
@@ -94,23 +93,16 @@ def log_gpt_model(final_dir: Path, name: str = "model", step: int | None = None)
             ]
         ),
     )
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    level = pyfunc_log.level
-    pyfunc_log.setLevel(logging.ERROR)  # its CloudPickle caution: the model holds code, no pickled weights
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*input example was not provided")  # the signature says it all
-            return mlflow.pyfunc.log_model(
-                name=name,
-                python_model=GPTPyfunc(),
-                artifacts={"weights": str(final_dir / WEIGHTS), "spec": str(final_dir / MODEL_SPEC)},
-                code_paths=[str(Path(gpt2exp.__file__).parent)],
-                pip_requirements=pip_requirements(),
-                signature=signature,
-                step=step or 0,
-            )
-    finally:
-        pyfunc_log.setLevel(level)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided")  # the signature says it all
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts={"weights": str(final_dir / WEIGHTS), "spec": str(final_dir / MODEL_SPEC)},
+            pip_requirements=pip_requirements(),
+            signature=signature,
+            step=step or 0,
+        )
 
 
 def load_model(uri: str) -> tuple[GPT, Any]:
@@ -119,8 +111,6 @@ def load_model(uri: str) -> tuple[GPT, Any]:
     from gpt2exp.data.tokenizer import get_tokenizer
 
     folder = Path(uri).expanduser()
-    if folder.is_dir() and (folder / WEIGHTS).is_file():
-        return load_final(folder).eval(), get_tokenizer()
     if not folder.is_dir():
         if ":/" not in uri:
             raise FileNotFoundError(
@@ -129,7 +119,7 @@ def load_model(uri: str) -> tuple[GPT, Any]:
         from mlflow.artifacts import download_artifacts
 
         folder = Path(download_artifacts(artifact_uri=uri))
-    weights = next(folder.rglob(WEIGHTS), None)
-    if weights is None:
-        raise FileNotFoundError(f"{uri}: no {WEIGHTS} in this model; is it a gpt2exp model?")
-    return load_final(weights.parent).eval(), get_tokenizer()
+    for weights in (folder / WEIGHTS, folder / "artifacts" / WEIGHTS):  # final weights, or an MLflow model folder
+        if weights.is_file():
+            return load_final(weights.parent).eval(), get_tokenizer()
+    raise FileNotFoundError(f"{uri}: no {WEIGHTS} in this model; is it a gpt2exp model?")

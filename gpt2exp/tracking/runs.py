@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ import logging
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.utils.async_logging.run_operations import RunOperations
 
+from gpt2exp.launch.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
 
 MAX_PARAM = 6000  # MLflow's limit on a param value
@@ -76,6 +79,15 @@ def using(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def store_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """Held while opening a SQLite store (which creates it when new) and its experiment: ``.<db>.lock`` beside
+    the database, waited for. Two processes creating one store at the same moment can break it for good."""
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if not uri.startswith("sqlite:///") or not db.parent.is_dir():  # a folder that is not there: SQLite says so
+        return contextlib.nullcontext()
+    return exclusive(db.with_name(f".{db.name}.lock"), wait=True)
 
 
 def experiment_id(client: MlflowClient, name: str, output: str | Path) -> str:
@@ -139,9 +151,9 @@ class ExperimentTracker:
         from gpt2exp import __version__
 
         self.uri = tracking_uri(spec, output)
-        self.client = MlflowClient(self.uri)
-        # made here, before any worker, so no two processes race to create the store
-        self.experiment_id = experiment_id(self.client, spec.tracking.experiment_name or spec.name, output)
+        with store_lock(self.uri):  # made here, before any worker, and by one driver at a time
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = experiment_id(self.client, spec.tracking.experiment_name or spec.name, output)
         self.out_dir, self.spec = out_dir, spec
         self.tags = {"gpt2exp.experiment": spec.name, "gpt2exp.version": __version__, "host": platform.node()}
         if commit := _git_commit():
@@ -203,11 +215,16 @@ class ExperimentTracker:
 
 
 class RunLogger:
-    """Worker side (rank 0): metrics batched and sent asynchronously, checkpoints as MLflow logged
-    models with their step and metrics, the final model as a pyfunc named ``model``."""
+    """Worker side (rank 0): metrics batched and sent asynchronously, each step once (a resume re-runs the
+    steps after its checkpoint: those already in the run are not sent again); checkpoints as MLflow logged
+    models with their step and metrics, once committed; the final model as a pyfunc named ``model``."""
 
     def __init__(self, ref: RunRef, system_metrics: bool = True) -> None:
         self.ref, self.client = ref, MlflowClient(ref.uri)
+        # every record has a train_loss; async batches are stored in no set order, so the steps, not the last one
+        self.logged = {m.step for m in self.client.get_metric_history(ref.run_id, "train_loss")}
+        self.sent: list[Metric] = []  # the last record sent
+        self.pending: list[RunOperations] = []  # batches sent, not yet known to be stored
         self.monitor = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -220,26 +237,41 @@ class RunLogger:
         items = [mlflow.entities.Param(k, str(v)) for k, v in params.items()]
         self.client.log_batch(self.ref.run_id, params=items, synchronous=False)
 
-    def log(self, record: dict[str, Any], model_id: str | None = None) -> None:
-        now = int(__import__("time").time() * 1000)
-        metrics = [
-            Metric(k, float(record[k]), now, int(record["step"]), model_id=model_id) for k in METRICS if record.get(k) is not None
-        ]
-        if metrics:
-            self.client.log_batch(self.ref.run_id, metrics=metrics, synchronous=False)
+    def log(self, record: dict[str, Any]) -> None:
+        """Send a step's metrics record, unless that step is in the run already."""
+        step = int(record["step"])
+        if step in self.logged:
+            return
+        now = int(time.time() * 1000)
+        self.sent = [Metric(k, float(record[k]), now, step) for k in METRICS if record.get(k) is not None]
+        self.pending.append(self.client.log_batch(self.ref.run_id, metrics=self.sent, synchronous=False))
+        self.logged.add(step)
 
-    def checkpoint(self, step: int, record: dict[str, Any], location: str) -> None:
-        """Record a checkpoint (where it is stored, its step) as a logged model, and this step's
-        metrics record (if any) linked to it."""
+    def flush(self) -> None:
+        """Wait until every record sent is stored (MLflow reports one that fails): called before a checkpoint
+        commits, so that a resume from it finds every step up to it in the run."""
+        for operations in self.pending:
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                operations.wait()
+        self.pending.clear()
+
+    def checkpoint(self, step: int, location: str) -> None:
+        """Record a committed checkpoint (where it is stored, its step) as a logged model, and link its step's
+        metrics (sent already) to it: sent again alike, they are one row of the run's history, and the model's."""
+        name = f"checkpoint-{step:08d}"
+        query = f"source_run_id = '{self.ref.run_id}' AND name = '{name}'"
+        if self.client.search_logged_models([self.ref.experiment_id], query, max_results=1):
+            return  # logged before Ray registered it, then its workers died: Ray re-ran to it
         model = self.client.create_logged_model(
             self.ref.experiment_id,
-            name=f"checkpoint-{step:08d}",
+            name=name,
             source_run_id=self.ref.run_id,
             tags={"gpt2exp.checkpoint": location, "gpt2exp.step": str(step)},
             model_type="checkpoint",
         )
-        if record:
-            self.log(record, model_id=model.model_id)
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id) for m in self.sent if m.step == step]
+        if linked:
+            self.client.log_batch(self.ref.run_id, metrics=linked, synchronous=False)
 
     def final_model(self, final_dir: Path, step: int) -> None:
         from gpt2exp.tracking.pyfunc import log_gpt_model

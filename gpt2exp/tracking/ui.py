@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gpt2exp.errors import Gpt2expError
+from gpt2exp.tracking.store import check_store
 
 STARTUP_TIMEOUT_S = 90.0  # ready in about 6 s on an idle machine; much slower on a busy one
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
@@ -56,10 +57,7 @@ def check_store_uri(store_uri: str) -> None:
     """Refuse URIs that ``mlflow server`` cannot serve as a backend store, with a one-line reason."""
     if store_uri.startswith(("http://", "https://", "databricks")):
         raise UIError(f"{store_uri} is already a tracking server: open it in a browser instead")
-    if store_uri.startswith("sqlite:///"):
-        path = Path(store_uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise UIError(f"no MLflow store at {path}: run an experiment first, or pass --output / --tracking-uri")
+    check_store(store_uri, UIError)
 
 
 def port_is_free(host: str, port: int) -> bool:

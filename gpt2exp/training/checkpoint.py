@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from pydantic import ValidationError
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -232,12 +234,26 @@ def save_final(folder: Path, model: nn.Module, spec: ModelSpec) -> None:
 
 def load_final(folder: str | Path, device: str | torch.device = "cpu") -> GPT:
     """A trained GPT from a folder written by ``save_final``."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from gpt2exp.model.size import num_params
 
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / MODEL_SPEC).is_file():
         raise FileNotFoundError(f"{folder}: not a gpt2exp model folder (expected {WEIGHTS} and {MODEL_SPEC})")
-    model = GPT(ModelSpec.model_validate_json((folder / MODEL_SPEC).read_text()))
+    try:
+        spec = ModelSpec.model_validate_json((folder / MODEL_SPEC).read_text())
+    except ValidationError as e:
+        where, why = ".".join(map(str, e.errors()[0]["loc"])), e.errors()[0]["msg"]
+        raise CheckpointError(f"{folder}: {MODEL_SPEC} is not a model spec ({where}: {why})") from None
+    with safe_open(folder / WEIGHTS, "pt") as f:  # the header only: a spec that lies about the size allocates nothing
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    if stored != num_params(spec):
+        raise CheckpointError(
+            f"{folder}: {MODEL_SPEC} describes {num_params(spec):,} parameters but {WEIGHTS} holds {stored:,}; the folder is damaged"
+        )
+    model = GPT(spec)
     missing, unexpected = model.load_state_dict(load_file(folder / WEIGHTS, device=str(device)), strict=False)
     tied = {"lm_head.weight"} if model.spec.tie_weights else set()
     if unexpected or set(missing) - tied:

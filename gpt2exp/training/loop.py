@@ -34,7 +34,8 @@ class Session(Protocol):
         """Call ``read`` on the latest complete checkpoint folder, if any; return what it returns."""
 
     def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
-        """Every rank: ``write`` its part into a folder that becomes the latest checkpoint; returns where it is kept."""
+        """Every rank: ``write`` its part into a folder that becomes the latest checkpoint; returns, once it is the
+        one a resume would use, where it is kept."""
 
     def emit(self, record: dict[str, Any]) -> None:
         """Rank 0: a metrics record for progress display and tracking (must not block)."""
@@ -143,7 +144,7 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
                 record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
             last.update(record)
             session.emit({**record, "event": "step", "total_steps": job.total_steps})
-            if logger is not None and not checkpoint_due:  # a checkpoint step logs its record with the checkpoint
+            if logger is not None:
                 logger.log(record)
             interval_s, steps_since_log = 0.0, 0
         if checkpoint_due:
@@ -155,11 +156,13 @@ def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
                 "variant": job.variant,
                 "seed": job.seed,
             }
+            if logger is not None:  # every step up to the checkpoint is in the run before it counts: a resume skips them
+                logger.flush()
             where = session.checkpoint(
                 lambda folder, state=state: write_state(folder, raw, optimizer, state), {**last, "step": done}
             )
-            if logger is not None:
-                logger.checkpoint(done, record, where)
+            if logger is not None:  # committed (under Ray: reported)
+                logger.checkpoint(done, where)
         if log_due or checkpoint_due:
             clock = time.perf_counter()  # evaluation and checkpoint time is not training time
     save_final(Path(job.run_dir) / "final", raw, spec.model)  # raw: FSDP2 shards it in place

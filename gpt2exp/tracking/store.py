@@ -1,0 +1,30 @@
+"""Is an MLflow store there before anything reads it: a SQLite URI must name an existing file (else
+MLflow would quietly create an empty store), and a tracking server must answer within seconds (else
+MLflow's client retries for minutes). No MLflow import: a check costs nothing."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from gpt2exp.errors import Gpt2expError
+
+TIMEOUT_S = 5.0
+
+
+def check_store(uri: str, error: type[Gpt2expError] = Gpt2expError) -> None:
+    """Raise ``error`` (one line) when ``uri`` names a SQLite file that does not exist or a server that
+    does not answer; other URIs are left to MLflow."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        if not path.is_file():
+            raise error(f"no MLflow store at {path}: run an experiment first, or pass --output / --tracking-uri")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: up (it may want a token, or have no /health)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise error(f"no MLflow server answers at {uri} ({reason}); start it, or fix --tracking-uri") from None
