@@ -496,10 +496,11 @@ def pipeline_status(
     from gpt2exp.pipeline.runner import status_table
     from gpt2exp.pipeline.state import PipelineRun
     from gpt2exp.tracking.runs import store_uri
+    from gpt2exp.tracking.store import sqlite_path
 
     pipeline = load_pipeline(pipeline_file)
     uri = store_uri(output, tracking_uri or pipeline.tracking_uri)
-    stored = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+    stored = (db := sqlite_path(uri)) is None or db.is_file()
     console.print(status_table(pipeline, PipelineRun.find(uri, pipeline.name) if stored else None))
 
 

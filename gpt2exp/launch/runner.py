@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 from gpt2exp.data.sources import find_files
 from gpt2exp.errors import one_line
 from gpt2exp.launch.cluster import beside_ray
-from gpt2exp.launch.lock import exclusive
 from gpt2exp.launch.plan import Plan, experiment_dir, make_plan, read_status, write_status
 from gpt2exp.launch.progress import ProgressView
+from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.training.job import Diverged, TrainJob
 

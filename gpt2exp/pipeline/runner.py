@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpt2exp.errors import Gpt2expError, check_inside, one_line
-from gpt2exp.launch.lock import exclusive
+from gpt2exp.lock import exclusive
 from gpt2exp.pipeline.spec import PipelineSpec, PrepareStage, RunStage, Stage
 from gpt2exp.pipeline.stages import RUNNERS, Context, StageFailed
 from gpt2exp.pipeline.state import PipelineRun, StageState

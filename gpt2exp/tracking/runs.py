@@ -29,8 +29,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.utils.async_logging.run_operations import RunOperations
 
-from gpt2exp.launch.lock import exclusive
+from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
+from gpt2exp.tracking.store import sqlite_path
 
 MAX_PARAM = 6000  # MLflow's limit on a param value
 METRICS = (
@@ -84,8 +85,8 @@ def using(uri: str) -> Iterator[None]:
 def store_lock(uri: str) -> contextlib.AbstractContextManager[None]:
     """Held while opening a SQLite store (which creates it when new) and its experiment: ``.<db>.lock`` beside
     the database, waited for. Two processes creating one store at the same moment can break it for good."""
-    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    if not uri.startswith("sqlite:///") or not db.parent.is_dir():  # a folder that is not there: SQLite says so
+    db = sqlite_path(uri)
+    if db is None or not db.parent.is_dir():  # a folder that is not there: SQLite says so
         return contextlib.nullcontext()
     return exclusive(db.with_name(f".{db.name}.lock"), wait=True)
 

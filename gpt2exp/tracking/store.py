@@ -13,11 +13,15 @@ from gpt2exp.errors import Gpt2expError
 TIMEOUT_S = 5.0
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (query string dropped), None for any other URI."""
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+
+
 def check_store(uri: str, error: type[Gpt2expError] = Gpt2expError) -> None:
     """Raise ``error`` (one line) when ``uri`` names a SQLite file that does not exist or a server that
     does not answer; other URIs are left to MLflow."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if (path := sqlite_path(uri)) is not None:
         if not path.is_file():
             raise error(f"no MLflow store at {path}: run an experiment first, or pass --output / --tracking-uri")
     elif uri.startswith(("http://", "https://")):
