@@ -13,8 +13,9 @@ no Ray Train helper actors that have nothing to do there, and a shutdown without
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,22 +159,37 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
                 outcome(job, None, 0.0, RuntimeError(problem))
                 recorder.status(job.key, "failed")
             del all_lanes[name]
-    pool = ThreadPoolExecutor(max(1, len(all_lanes)))
-    futures = [pool.submit(fit, name) for name in all_lanes]
+    # daemon threads, not an executor's: after Ctrl-C a lane can be left inside a Ray call that never returns
+    # once Ray is shut down, and the interpreter joins an executor's threads at exit
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_catching(fit, name, errors), name=f"lane-{name}", daemon=True) for name in all_lanes]
+    for t in threads:
+        t.start()
     try:
-        while wait(futures, timeout=0.25).not_done:
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[0].join(timeout=0.25)
             drain()
         drain()
-        for f in futures:
-            f.result()
+        if errors:
+            raise errors[0]
     except KeyboardInterrupt:  # stop the workers; registered checkpoints stay for the rerun
         for key in running.values():
             if read_status(by_key[key]).get("status") != "completed":
                 outcome(by_key[key], None, time.perf_counter() - started[key], KeyboardInterrupt())
         shutdown()
         raise
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _catching(work: Callable[[str], None], name: str, errors: list[BaseException]) -> Callable[[], None]:
+    """``work(name)``, with what it raises appended to ``errors``."""
+
+    def run() -> None:
+        try:
+            work(name)
+        except BaseException as e:
+            errors.append(e)
+
+    return run
 
 
 def _does_not_fit(p: ParallelSpec, resources: dict[str, float]) -> str | None:
