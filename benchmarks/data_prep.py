@@ -23,7 +23,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(tmp_root, ignore_errors=True)
 
     print(
-        f"# data_prep  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  {platform.machine()} {cores()} cores  "
+        f"# data_prep  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.machine()} {cores()} cores  "
         f"python {platform.python_version()}"
     )
     print(

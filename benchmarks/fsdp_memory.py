@@ -29,7 +29,7 @@ import resource
 import socket
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -175,7 +175,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, out: str) -> list[dict
 def report(records: list[dict], args: argparse.Namespace) -> None:
     n = records[0]["n_params"]
     print(
-        f"# fsdp_memory  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
+        f"# fsdp_memory  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  "
         f"{platform.machine()} {os.cpu_count()} cores  gloo, {args.workers} workers"
     )
     print(

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from torch import Tensor, nn
@@ -167,7 +167,7 @@ def report(args: argparse.Namespace, models: list[Contender]) -> None:
     tokens = args.batch * args.block
     print()
     print(
-        f"{datetime.now(timezone.utc):%Y-%m-%d} torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{datetime.now(UTC):%Y-%m-%d} torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"n_layer={args.layers} n_embd={args.embd} n_head={args.heads} block={args.block} batch={args.batch} "
         f"vocab={args.vocab}; median of {args.rounds} rounds x {args.steps} steps"
     )

@@ -13,6 +13,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 _WHERE = {
+    "run": "gpt2exp.api",
+    "compare": "gpt2exp.api",
     "GPT": "gpt2exp.model",
     "ExperimentSpec": "gpt2exp.spec",
     "ModelSpec": "gpt2exp.spec",
@@ -22,6 +24,7 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
+    from gpt2exp.api import compare, run
     from gpt2exp.data.tokenizer import get_tokenizer
     from gpt2exp.model import GPT
     from gpt2exp.spec import ExperimentSpec, ModelSpec, SpecError, load_spec
@@ -33,4 +36,4 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(_WHERE[name]), name)
 
 
-__all__ = ["GPT", "ExperimentSpec", "ModelSpec", "SpecError", "__version__", "get_tokenizer", "load_spec"]
+__all__ = ["GPT", "ExperimentSpec", "ModelSpec", "SpecError", "__version__", "compare", "get_tokenizer", "load_spec", "run"]

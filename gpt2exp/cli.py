@@ -107,7 +107,7 @@ def run(
         progress = False
     out_dir = experiment_dir(spec, output)
     try:
-        _, results = run_experiment(spec, output, console, show_progress=progress)
+        results = run_experiment(spec, output, console, show_progress=progress).runs
     except KeyboardInterrupt:
         raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {out_dir}", 130) from None
     console.print(f"results: {out_dir / 'results.csv'}")

@@ -20,8 +20,9 @@ from mlflow.entities import Metric
 from rich.console import Console
 from scipy import stats
 
-from gpt2exp.launch.plan import make_plan, read_status
+from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import run_plan
+from gpt2exp.launch.status import read_status
 from gpt2exp.report import ReportError, comparison_table, load_runs, render, rich_table, write_report
 from gpt2exp.report.compare import notes, per_run, to_html
 from gpt2exp.report.stats import holm, mdd
@@ -58,7 +59,7 @@ def experiment(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     out = tmp / "out"
     plan = make_plan(spec, out, show_progress=False)
     console = Console(record=True, width=250)
-    results = run_plan(plan, "local", console, show_progress=False)
+    results = run_plan(plan, "local", console, show_progress=False).runs
     assert set(results.status) == {"completed"}, results
     uri = tracking_uri(spec, out)
     client = MlflowClient(uri)

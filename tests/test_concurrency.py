@@ -21,7 +21,8 @@ import yaml
 from mlflow import MlflowClient
 
 from gpt2exp.launch.plan import make_plan
-from gpt2exp.launch.runner import parse_records, run_plan
+from gpt2exp.launch.progress import parse_records
+from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
 
 pytestmark = pytest.mark.slow
@@ -173,7 +174,7 @@ def test_ray_logs_a_checkpoint_once_ray_has_it(corpus: Path, tmp_path: Path) -> 
 
     plan = make_plan(validate_spec(raw_spec(corpus, parallel={"launcher": "ray"})), tmp_path, show_progress=False)
     try:
-        results = run_plan(plan, "ray", show_progress=False)
+        results = run_plan(plan, "ray", show_progress=False).runs
     finally:
         shutdown()
     assert results.status.tolist() == ["completed"], results.error.tolist()

@@ -316,6 +316,9 @@ def test_builtin_corpus_loads(tmp_path: Path) -> None:
     assert data.meta["source"] == "builtin:shakespeare" and data.meta["n_documents"] == 38
     assert int((data.train == EOT).sum() + (data.val == EOT).sum()) == 37
     assert data.n_train > 1_000_000
-    assert get_tokenizer().decode(data.train[:20].tolist()).startswith("# A Midsummer Night's Dream")
+    text = get_tokenizer().decode(data.train[:100_000].tolist())
+    assert text.startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens.")  # plain text, not Markdown
+    assert "\nTHESEUS:\nNow, fair Hippolyta, our nuptial hour\n" in text
+    assert "**" not in text and "\n#" not in text and "  \n" not in text
     data.check_min_tokens(1024)
     assert os.path.commonpath([data.dir, tmp_path]) == str(tmp_path)

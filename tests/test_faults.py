@@ -56,7 +56,7 @@ def raw_spec(corpus_head, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def run(raw: dict, output: Path, launcher: str = "local") -> tuple[pd.DataFrame, Plan]:
     plan = make_plan(validate_spec(raw), output, show_progress=False)
-    return run_plan(plan, launcher, show_progress=False), plan
+    return run_plan(plan, launcher, show_progress=False).runs, plan
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ import yaml
 
 from gpt2exp.data.loader import EvalWindows
 from gpt2exp.launch.plan import make_plan
-from gpt2exp.launch.runner import read_metrics, run_plan
+from gpt2exp.launch.progress import read_metrics
+from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
 from gpt2exp.training.checkpoint import load_final
 from gpt2exp.training.evaluate import score_windows
@@ -82,7 +83,7 @@ def spec_for(corpus: Path, **train: object) -> dict:
 @pytest.fixture(scope="module")
 def data_parallel(ray_cluster: None, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, object]:
     plan = make_plan(validate_spec(spec_for(corpus)), tmp_path_factory.mktemp("dp"), show_progress=False)
-    return run_plan(plan, "ray", show_progress=False), plan
+    return run_plan(plan, "ray", show_progress=False).runs, plan
 
 
 def test_ddp_and_fsdp_follow_the_single_process_curve(data_parallel: tuple[pd.DataFrame, object]) -> None:
@@ -128,7 +129,7 @@ def test_killed_worker_is_replaced_and_resumes(data_parallel: tuple[pd.DataFrame
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after, args=("ray/*/ddp-seed1337-step_00000004", plan.out_dir, killed))
     killer.start()
-    results = run_plan(plan, "ray", show_progress=False)
+    results = run_plan(plan, "ray", show_progress=False).runs
     killer.join()
     assert killed, "no worker was killed"
     assert results.status.tolist() == ["completed"], results.error.tolist()

@@ -56,7 +56,7 @@ def tracked(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[obj
     """A real run into the default store: <output>/mlflow.db, with registration."""
     out = tmp_path_factory.mktemp("out")
     plan = make_plan(validate_spec(tiny(corpus, register="trk-best")), out, show_progress=False)
-    results = run_plan(plan, "local", show_progress=False)
+    results = run_plan(plan, "local", show_progress=False).runs
     assert set(results.status) == {"completed"}, results.error.tolist()
     return plan, MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
 
@@ -319,7 +319,7 @@ def test_run_logs_into_a_real_mlflow_server_and_a_rerun_adds_no_runs(corpus: Pat
     with mlflow_server(store, tmp_path / "artifacts") as url:
         raw = tiny(corpus, tracking_uri=url)
         plan = make_plan(validate_spec(raw), tmp_path / "out", show_progress=False)
-        assert set(run_plan(plan, "local", show_progress=False).status) == {"completed"}
+        assert set(run_plan(plan, "local", show_progress=False).runs.status) == {"completed"}
         client = MlflowClient(url)
         exp = client.get_experiment_by_name("trk")
         runs = client.search_runs([exp.experiment_id])
@@ -329,7 +329,7 @@ def test_run_logs_into_a_real_mlflow_server_and_a_rerun_adds_no_runs(corpus: Pat
         model_id = client.search_logged_models([exp.experiment_id], filter_string="name = 'model'")[0].model_id
         with using(url):
             assert load_model(f"models:/{model_id}")[0].spec.n_embd == 32
-        again = run_plan(make_plan(validate_spec(raw), tmp_path / "out", show_progress=False), "local", show_progress=False)
+        again = run_plan(make_plan(validate_spec(raw), tmp_path / "out", show_progress=False), "local", show_progress=False).runs
         assert set(again.status) == {"completed"} and len(client.search_runs([exp.experiment_id])) == 3
 
 

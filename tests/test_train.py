@@ -18,7 +18,8 @@ import yaml
 
 from gpt2exp.data.loader import EvalWindows
 from gpt2exp.launch.plan import make_plan
-from gpt2exp.launch.runner import read_metrics, run_plan
+from gpt2exp.launch.progress import read_metrics
+from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
 from gpt2exp.training.checkpoint import load_final, verify
 from gpt2exp.training.evaluate import score_windows
@@ -63,7 +64,7 @@ def reference(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> t
         variants=[{"name": "mha", "set": {}}, {"name": "mqa_rope", "set": {"model.n_kv_head": 1, "model.positional": "rope"}}],
     )
     plan = make_plan(validate_spec(raw), tmp_path_factory.mktemp("ref"), show_progress=False)
-    return run_plan(plan, "local", show_progress=False), plan
+    return run_plan(plan, "local", show_progress=False).runs, plan
 
 
 def test_local_run_learns_and_writes_results(reference: tuple[pd.DataFrame, object]) -> None:
@@ -110,7 +111,7 @@ def test_val_loss_does_not_depend_on_the_micro_batch(
     val_loss, scored on the same fixed windows."""
     results, plan = reference
     raw = tiny_spec(small_corpus, train={"micro_batch_size": 8})
-    other = run_plan(make_plan(validate_spec(raw), tmp_path, show_progress=False), "local", show_progress=False)
+    other = run_plan(make_plan(validate_spec(raw), tmp_path, show_progress=False), "local", show_progress=False).runs
     assert other.val_loss[0] == pytest.approx(results.val_loss[0], abs=1e-3)
     metrics = read_metrics(plan.jobs[0])
     se = metrics.dropna(subset=["val_loss"]).val_loss_se
@@ -132,7 +133,7 @@ def test_checkpoints_are_complete_and_pruned(reference: tuple[pd.DataFrame, obje
 def test_rerun_skips_finished_runs(reference: tuple[pd.DataFrame, object]) -> None:
     _, plan = reference
     t0 = time.perf_counter()
-    again = run_plan(make_plan(plan.spec, plan.out_dir.parent, show_progress=False), "local", show_progress=False)
+    again = run_plan(make_plan(plan.spec, plan.out_dir.parent, show_progress=False), "local", show_progress=False).runs
     assert time.perf_counter() - t0 < 5 and set(again.status) == {"completed"}
 
 

@@ -56,7 +56,7 @@ def store(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus.write_bytes(corpus_path.read_bytes()[:200_000])
     out = root / "out"
     raw = json.loads(json.dumps(RAW).replace('"CORPUS"', json.dumps(str(corpus))))
-    results = run_plan(make_plan(validate_spec(raw), out, show_progress=False), "local", show_progress=False)
+    results = run_plan(make_plan(validate_spec(raw), out, show_progress=False), "local", show_progress=False).runs
     assert set(results.status) == {"completed"}
 
     uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"

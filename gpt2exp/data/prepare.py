@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -311,7 +311,7 @@ def _build(source: Source, folder: Path, val_fraction: float, show_progress: boo
         "eot": EOT,
         "split_rule": SPLIT_RULE,
         "segment_tokens": SEGMENT_TOKENS,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 2),
         "threads": threads,

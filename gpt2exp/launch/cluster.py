@@ -21,12 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import psutil
 
-# Ray's Train controller polls workers every 2 s by default, which makes each report (and the end
-# of every run) wait; 0.2 s keeps that latency small. Single-machine Ray binds to loopback.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+from gpt2exp import _ray_compat, env
+
+env.apply(env.RAY)
 
 T = TypeVar("T")
 
@@ -45,22 +42,25 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS", "")
     if not address or address.startswith(("http://", "https://")):  # a dashboard address is for `gpt2exp jobs`
         # no idle workers prestarted for the driver: only the progress bus could use one (Ray Train's
-        # actors carry a runtime env of their own), and starting them made ray.init 0.6 s slower here
+        # actors carry a runtime env of their own), and starting them delays ray.init on a small machine
         config = {"prestart_worker_first_driver": False}
         kwargs |= {"address": "local", "num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1", "_system_config": config}
     # Ray turns token authentication on for a new local cluster (kept) and says so on every start;
     # its warnings that authentication is off still show
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_quiet_auth_on)
+    logging.getLogger(_ray_compat.AUTH_SETUP_LOGGER).addFilter(_quiet_auth_on)
     ray.init(**kwargs)
     if own_cluster():
         atexit.unregister(shutdown)  # once, however often Ray is started in this process
         atexit.register(shutdown)  # runs before Ray's own exit hook (registered at import)
         # Ray's own SIGTERM handler raises SystemExit wherever the main thread is, and the interpreter then
-        # waits for the training threads, with the cluster still up
+        # waits for the training threads, with the cluster still up. SIGINT too: a shell starts `cmd &` with
+        # SIGINT ignored, and a `kill -INT` would then leave the run and its cluster going
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.default_int_handler)
         _watch_driver()
-        _start_autoscaling_coordinator()
+        # the actor every `fit` asks for resources: started now, while the driver sets up MLflow
+        _ray_compat.start_autoscaling_coordinator()
 
 
 # The watchdog of a private cluster: while the driver lives it notes the driver's descendants (Ray's processes
@@ -109,22 +109,9 @@ def beside_ray(work: Callable[[], T], start: bool = True) -> T:
     return result
 
 
-def _start_autoscaling_coordinator() -> None:
-    """Start the actor that every ``fit`` asks for resources now, while the driver sets up MLflow,
-    rather than on the critical path of the first ``fit`` (a process start and a Ray Data import,
-    about 1.3 s on 2 cores)."""
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import get_or_create_autoscaling_coordinator
-    except ImportError:  # a Ray Train without it
-        return
-    get_or_create_autoscaling_coordinator()
-
-
 def own_cluster() -> bool:
     """Whether this process started the cluster it is connected to (a private one, without dashboard)."""
-    import ray
-
-    return ray._private.worker._global_node is not None
+    return _ray_compat.global_node() is not None
 
 
 def shutdown() -> None:
@@ -136,12 +123,10 @@ def shutdown() -> None:
     import psutil
     import ray
 
-    tree: list[psutil.Process] = []
-    if own_cluster():
-        processes = ray._private.worker._global_node.all_processes
-        for info in processes.get(ray._private.ray_constants.PROCESS_TYPE_MONITOR, []):
-            info.process.kill()
-        tree = _process_trees([info.process.pid for infos in processes.values() for info in infos])
+    monitors, processes = _ray_compat.node_processes()
+    for monitor in monitors:
+        monitor.kill()
+    tree = _process_trees([p.pid for p in processes])
     ray.shutdown()
     for process in tree:  # left by Ray's shutdown: its agents notice the end of their raylet seconds later
         with contextlib.suppress(psutil.NoSuchProcess):

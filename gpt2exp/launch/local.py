@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpt2exp.parallel.distributed import init_from_env, pick_device, rank_and_world, set_cpu_threads
 from gpt2exp.training.checkpoint import barrier, restore_newest
 from gpt2exp.training.job import TrainJob
 from gpt2exp.training.loop import train
+
+if TYPE_CHECKING:
+    from gpt2exp.tracking.runs import RunLogger
 
 KEEP_CHECKPOINTS = 2
 
@@ -62,4 +66,21 @@ class LocalSession:
 
 def run_local(job: TrainJob, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Train one job here (one process, or this rank of a torchrun group)."""
-    return train(job, LocalSession(job, emit))
+    session = LocalSession(job, emit)
+    with run_logger(job, session.rank) as logger:
+        return train(job, session, logger)
+
+
+@contextlib.contextmanager
+def run_logger(job: TrainJob, rank: int) -> Iterator[RunLogger | None]:
+    """Rank 0's logger into the job's MLflow run when it has one (closed at the end), else None."""
+    if job.tracking is None or rank != 0:
+        yield None
+        return
+    from gpt2exp.tracking.runs import RunLogger
+
+    logger = RunLogger(job.tracking, job.spec.tracking.system_metrics)
+    try:
+        yield logger
+    finally:
+        logger.close()

@@ -4,19 +4,15 @@ file exist is finished, and a rerun skips it."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gpt2exp.data.prepare import TokenData, prepare
 from gpt2exp.errors import check_inside
+from gpt2exp.launch.status import read_status
 from gpt2exp.spec import DataSpec, ExperimentSpec
 from gpt2exp.training.job import TrainJob
-
-STATUS = "status.json"
 
 
 @dataclass
@@ -76,19 +72,3 @@ def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True, ou
                 )
             )
     return Plan(spec, output.resolve(), out_dir, jobs)
-
-
-def read_status(job: TrainJob) -> dict[str, Any]:
-    path = Path(job.run_dir) / STATUS
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_status(job: TrainJob, status: str, **fields: Any) -> dict[str, Any]:
-    """Record a job's outcome (``completed``, ``failed``, ``diverged``, ``interrupted``) and its figures."""
-    record = {"experiment": job.experiment, "variant": job.variant, "seed": job.seed, "status": status, **fields}
-    path = Path(job.run_dir) / STATUS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(path)
-    return record

@@ -24,9 +24,11 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from gpt2exp import _ray_compat
 from gpt2exp.launch.cluster import ensure_ray, own_cluster, shutdown
-from gpt2exp.launch.plan import Plan, read_status
-from gpt2exp.launch.runner import Recorder, outcome
+from gpt2exp.launch.plan import Plan
+from gpt2exp.launch.progress import Recorder
+from gpt2exp.launch.status import outcome, read_status
 from gpt2exp.launch.torch_backend import LateTorchConfig
 from gpt2exp.spec import ParallelSpec
 from gpt2exp.training.job import TrainJob
@@ -92,7 +94,7 @@ class _LaneTrainer(DataParallelTrainer):
 
     def _create_default_callbacks(self) -> list[Any]:
         unused = {"DatasetsCallback"} | ({"PlacementGroupCleanerCallback"} if own_cluster() else set())
-        return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
+        return _ray_compat.without_default_callbacks(super()._create_default_callbacks(), unused)
 
 
 def _trainer(name: str, jobs: list[TrainJob], bus: Any, storage: Path) -> DataParallelTrainer:

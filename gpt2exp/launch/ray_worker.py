@@ -15,8 +15,8 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
-from gpt2exp.launch.plan import read_status
-from gpt2exp.launch.runner import outcome
+from gpt2exp.launch.local import run_logger
+from gpt2exp.launch.status import outcome, read_status
 from gpt2exp.parallel.distributed import pick_device
 from gpt2exp.training.checkpoint import restore_newest
 from gpt2exp.training.job import Diverged, TrainJob
@@ -74,7 +74,8 @@ def lane_worker(config: dict[str, Any]) -> None:
         session.emit({"event": "start"})
         t0, summary, error = time.perf_counter(), None, None
         try:
-            summary = train(job, session)
+            with run_logger(job, session.rank) as logger:
+                summary = train(job, session, logger)
         except Diverged as e:  # the same on every rank: the group goes on with the next job
             error = e
         if session.rank == 0:

@@ -1,4 +1,5 @@
-"""Run every job of a plan with the spec's launcher, record each outcome, write ``results.csv``.
+"""Run every job of a plan with the spec's launcher, record each outcome, and give back the results:
+the table of runs (also written to ``results.csv``), their MLflow run ids and the comparison.
 
 One failing job does not stop its siblings; finished jobs are skipped on a rerun and unfinished
 ones resume from their last checkpoint."""
@@ -7,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,95 +20,67 @@ import pandas as pd
 import yaml
 from rich.console import Console
 
+from gpt2exp.data.sources import find_files
+from gpt2exp.launch.cluster import beside_ray
+from gpt2exp.launch.plan import Plan, experiment_dir, make_plan
+from gpt2exp.launch.progress import ProgressView, Recorder
+from gpt2exp.launch.status import outcome, results_table
+from gpt2exp.lock import exclusive
+from gpt2exp.spec import ExperimentSpec
+
 if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
 
-from gpt2exp.data.sources import find_files
-from gpt2exp.errors import one_line
-from gpt2exp.launch.cluster import beside_ray
-from gpt2exp.launch.plan import Plan, experiment_dir, make_plan, read_status, write_status
-from gpt2exp.launch.progress import ProgressView
-from gpt2exp.lock import exclusive
-from gpt2exp.spec import ExperimentSpec
-from gpt2exp.training.job import Diverged, TrainJob
 
-METRICS = "metrics.jsonl"
-RESULT_COLUMNS = [
-    "variant",
-    "seed",
-    "params",
-    "tokens",
-    "train_loss",
-    "val_loss",
-    "val_loss_se",
-    "val_perplexity",
-    "tokens_per_sec",
-    "wall_s",
-    "status",
-    "error",
-]
+@dataclass
+class ExperimentResult:
+    """What running an experiment gives back."""
 
+    spec: ExperimentSpec
+    out_dir: Path  # <output>/<experiment>: checkpoints, final models, results.csv, the report
+    runs: pd.DataFrame  # one row per variant and seed (RESULT_COLUMNS; with tracking also run_id, model_uri)
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None  # the experiment's MLflow parent run
+    comparison: pd.DataFrame | None = None  # the verdicts (``gpt2exp.report.comparison_table``), when one was made
+    report: Path | None = None  # report.html
+    registered: str | None = None  # models:/<name>@best when the spec registers the best model
+    notes: list[str] = field(default_factory=list)  # why a report or registration is missing
 
-def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error: BaseException | None) -> dict[str, Any]:
-    """The status record of a finished attempt (written to the run folder)."""
-    if error is None:
-        assert summary is not None
-        keys = ("params", "train_loss", "val_loss", "val_loss_se", "val_perplexity", "tokens_per_sec", "mfu")
-        fields = {k: summary.get(k) for k in keys}
-        return write_status(job, "completed", tokens=summary.get("tokens_seen"), wall_s=wall_s, **fields)
-    status = "diverged" if isinstance(error, Diverged) else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    text = str(error) or type(error).__name__
-    if status == "failed":
-        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(job.run_dir) / "error.log").write_text("".join(traceback.format_exception(error)))
-    return write_status(job, status, wall_s=wall_s, error=one_line(text))
+    @property
+    def completed(self) -> bool:
+        return bool((self.runs.status == "completed").all())
 
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The completed run with the lowest final validation loss (its row), if any."""
+        done = self.runs[self.runs.status == "completed"].dropna(subset=["val_loss"])
+        return None if done.empty else done.sort_values("val_loss", kind="stable").iloc[0].to_dict()
 
-class Recorder:
-    """Where metric records go on the driver: the progress view and ``<run_dir>/metrics.jsonl``. Like the
-    MLflow run, the file holds each step once: a resume re-runs the steps after its checkpoint, and those
-    already written are not written again. (Under Ray a step can be missing instead: records in flight
-    from the workers when the driver is killed are lost, and the steps up to the checkpoint are not re-run.)"""
-
-    def __init__(self, plan: Plan, view: ProgressView) -> None:
-        self.view, self.run_dirs = view, {j.key: Path(j.run_dir) for j in plan.jobs}
-        self.steps: dict[str, set[int]] = {}
-        for key, run_dir in self.run_dirs.items():
-            path = run_dir / METRICS
-            text = path.read_text(errors="replace") if path.is_file() else ""
-            if text and not text.endswith("\n"):  # a line cut short (say, by a full disk): the next record starts afresh
-                with open(path, "a") as f:
-                    f.write("\n")
-            self.steps[key] = {r["step"] for r in parse_records(text) if r.get("event") == "step"}
-
-    def record(self, key: str, record: dict[str, Any]) -> None:
-        self.view.record(key, record)
-        if record.get("event") == "step":
-            if record["step"] in self.steps[key]:
-                return
-            self.steps[key].add(record["step"])
-        self.run_dirs[key].mkdir(parents=True, exist_ok=True)
-        with open(self.run_dirs[key] / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def status(self, key: str, status: str) -> None:
-        self.view.status(key, status)
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the figures and references a script or notebook needs next."""
+        plain = lambda v: None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v
+        rows = [{k: plain(v) for k, v in row.items()} for row in self.runs.to_dict("records")]
+        best = self.best
+        return {
+            "experiment": self.spec.name,
+            "out_dir": str(self.out_dir),
+            "results_csv": str(self.out_dir / "results.csv"),
+            "tracking_uri": self.tracking_uri,
+            "parent_run_id": self.parent_run_id,
+            "runs": rows,
+            "best": None
+            if best is None
+            else {k: plain(best.get(k)) for k in ("variant", "seed", "val_loss", "run_id", "model_uri")},
+            "registered": self.registered,
+            "report": None if self.report is None else str(self.report),
+            "comparison": None if self.comparison is None else json.loads(_comparison_json(self.comparison)),
+        }
 
 
-def parse_records(text: str) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` text; a line cut short is left out."""
-    records = []
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return records
+def _comparison_json(table: pd.DataFrame) -> str:
+    from gpt2exp.report import render
 
-
-def read_metrics(job: TrainJob) -> pd.DataFrame:
-    """The step records of a run (one row per logged step)."""
-    path = Path(job.run_dir) / METRICS
-    rows = parse_records(path.read_text(errors="replace")) if path.is_file() else []
-    return pd.DataFrame([r for r in rows if r.get("event") == "step"])
+    return render(table, "json")
 
 
 def run_jobs_locally(plan: Plan, view: Recorder) -> None:
@@ -131,7 +104,7 @@ def run_jobs_locally(plan: Plan, view: Recorder) -> None:
 
 def run_experiment(
     spec: ExperimentSpec, output: Path, console: Console | None = None, show_progress: bool = True, out_dir: Path | None = None
-) -> tuple[Plan, pd.DataFrame]:
+) -> ExperimentResult:
     """Prepare the data and lay out the jobs (``make_plan``), then run them as ``run_plan`` does. With
     the Ray launcher, Ray starts on the main thread while the data is prepared and MLflow set up."""
     out = console or Console()
@@ -150,12 +123,12 @@ def run_experiment(
             for path in {v.spec.data.path for v in spec.expand()} - {None}:
                 find_files(path)
         plan, tracker = beside_ray(prepare, start=launcher == "ray")
-        return plan, execute(plan, launcher, tracker, console, show_progress)
+        return execute(plan, launcher, tracker, console, show_progress)
 
 
-def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_progress: bool = True) -> pd.DataFrame:
-    """Run the plan's unfinished jobs and return (and write) the results table. With the Ray launcher,
-    Ray starts on the main thread while MLflow is set up."""
+def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_progress: bool = True) -> ExperimentResult:
+    """Run the plan's unfinished jobs and return the results (``results.csv`` written). With the Ray
+    launcher, Ray starts on the main thread while MLflow is set up."""
     with one_writer(plan.out_dir):
         tracker = beside_ray(lambda: set_up(plan, launcher), start=launcher == "ray" and bool(plan.pending()))
         return execute(plan, launcher, tracker, console, show_progress)
@@ -179,7 +152,7 @@ def set_up(plan: Plan, launcher: str) -> ExperimentTracker | None:
 
 def execute(
     plan: Plan, launcher: str, tracker: ExperimentTracker | None, console: Console | None, show_progress: bool
-) -> pd.DataFrame:
+) -> ExperimentResult:
     """Run the unfinished jobs with the launcher, then close the MLflow runs and write the results
     table and the comparison report."""
     pending = plan.pending()
@@ -192,18 +165,25 @@ def execute(
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
     else:
         runner = run_jobs_locally
+    result = ExperimentResult(plan.spec, plan.out_dir, pd.DataFrame())
     try:
         with view:
             runner(plan, Recorder(plan, view))
     finally:
-        results = write_results(plan)
+        result.runs = results_table(plan.jobs)
         if tracker is not None:
-            finish_tracking(plan, tracker, results, console or Console())
+            result.tracking_uri, result.parent_run_id = tracker.uri, tracker.parent_id
+            result.runs["run_id"] = [j.tracking.run_id if j.tracking else None for j in plan.jobs]
+            done = result.runs.status == "completed"
+            result.runs["model_uri"] = [f"runs:/{r}/model" if d else None for r, d in zip(result.runs.run_id, done, strict=True)]
+        result.runs.to_csv(plan.out_dir / "results.csv", index=False)
+        if tracker is not None:
+            finish_tracking(plan, tracker, result, console or Console())
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for all ranks
-        print_results(console or Console(), results)
+        print_results(console or Console(), result.runs)
         if tracker is not None:
-            write_run_report(plan, tracker, console)
-    return results
+            write_run_report(plan, tracker, result, console)
+    return result
 
 
 def print_results(console: Console, results: pd.DataFrame) -> None:
@@ -232,9 +212,9 @@ def print_results(console: Console, results: pd.DataFrame) -> None:
     console.print(table)
 
 
-def write_run_report(plan: Plan, tracker: ExperimentTracker, console: Console | None) -> None:
+def write_run_report(plan: Plan, tracker: ExperimentTracker, result: ExperimentResult, console: Console | None) -> None:
     """Print the comparison (verdicts) and write its report (<out_dir>/report/report.md/.html/.png, logged
-    on the parent run); a report that cannot be made is a warning: the training results stand."""
+    on the parent run) into ``result``; a report that cannot be made is a note: the training results stand."""
     from gpt2exp.report import comparison_table, load_runs, print_table, write_report
 
     out = console or Console(stderr=True)
@@ -243,27 +223,24 @@ def write_run_report(plan: Plan, tracker: ExperimentTracker, console: Console | 
         table = comparison_table(runs, baseline=plan.spec.baseline)
         paths = write_report(runs, table, plan.out_dir)
     except Exception as e:  # e.g. ReportError: every run failed, or none reached an evaluation
+        result.notes.append(f"no comparison report: {type(e).__name__}: {e}")
         out.print(f"[yellow]no comparison report:[/] {type(e).__name__}: {e}", highlight=False)
         return
+    result.comparison, result.report = table, paths["html"]
     print_table(out, table)
     out.print(f"report: {paths['html']}", highlight=False)
 
 
-def finish_tracking(plan: Plan, tracker: ExperimentTracker, results: pd.DataFrame, console: Console) -> None:
+def finish_tracking(plan: Plan, tracker: ExperimentTracker, result: ExperimentResult, console: Console) -> None:
     """Close the MLflow runs and register the best variant's model when the spec asks for it."""
-    for job in plan.jobs:
+    for job, status in zip(plan.jobs, result.runs.status, strict=True):
         if job.tracking is not None:
-            tracker.finish(job.tracking.run_id, read_status(job).get("status", "interrupted"))
-    done = {
-        j.tracking.run_id: read_status(j)["val_loss"]
-        for j in plan.jobs
-        if j.tracking and read_status(j).get("status") == "completed"
-    }
-    if plan.spec.tracking.register and done:
-        name = plan.spec.tracking.register
-        version, loss = tracker.register_best(done, name)
-        console.print(f"registered models:/{name}@best (version {version}, val loss {loss:.4f})")
-    tracker.finish(tracker.parent_id, "completed" if (results.status == "completed").all() else "failed")
+            tracker.finish(job.tracking.run_id, "interrupted" if status == "not run" else status)
+    if (name := plan.spec.tracking.register) and (best := result.best) is not None:
+        version, _ = tracker.register_best({best["run_id"]: best["val_loss"]}, name)
+        result.registered = f"models:/{name}@best"
+        console.print(f"registered {result.registered} (version {version}, val loss {best['val_loss']:.4f})", highlight=False)
+    tracker.finish(tracker.parent_id, "completed" if result.completed else "failed")
 
 
 def track(plan: Plan) -> ExperimentTracker:
@@ -282,10 +259,3 @@ def track(plan: Plan) -> ExperimentTracker:
         jobs.append(replace(job, tracking=ref))
     plan.jobs = jobs
     return tracker
-
-
-def write_results(plan: Plan) -> pd.DataFrame:
-    rows = [read_status(j) or {"variant": j.variant, "seed": j.seed, "status": "not run"} for j in plan.jobs]
-    df = pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
-    df.to_csv(Path(plan.out_dir) / "results.csv", index=False)
-    return df

@@ -55,7 +55,7 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -587,7 +587,7 @@ def effective_spec_yaml(spec_path: Path, overrides: Iterable[str]) -> str:
 
 def new_submission_id(name: str, now: datetime | None = None) -> str:
     """``gpt2exp-<spec name>-<UTC yyyymmdd-hhmmss>``: readable, sortable, names the experiment."""
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     return f"gpt2exp-{re.sub(r'[^A-Za-z0-9_-]', '-', name)}-{stamp}"
 
 

@@ -2,7 +2,7 @@
 
 Ray's ``TorchConfig`` imports torch wherever it is unpickled or used: in the driver when ``fit``
 wraps the training function, and in the Train controller (a process of its own) before it starts
-the workers; 1.3-1.5 s of CPU each on 2 cores, on the path to the first step. This configuration
+the workers, each a second or more of CPU on the path to the first step. This configuration
 has the same fields and meaning, and loads Ray's own torch backend and context only where they act:
 on the workers, and in the controller once the workers are up. The process group set-up is Ray's,
 but for one thing on the private cluster (a node address on loopback): there the rendezvous store of
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.train.backend import Backend, BackendConfig
+
+from gpt2exp import _ray_compat
 
 _store: Any = None  # on worker 0 of a group on loopback: the TCPStore server that every rank joins
 
@@ -38,9 +40,7 @@ class LateTorchConfig(BackendConfig):
 
     @property
     def framework(self) -> Any:
-        from ray.train.v2._internal.util import TrainingFramework
-
-        return TrainingFramework.TORCH
+        return _ray_compat.torch_framework()
 
 
 class _LateTorchContext:
@@ -64,9 +64,8 @@ class _LateTorchBackend(Backend):
 
     @staticmethod
     def _ray() -> Backend:
-        from ray.train.torch.config import _TorchBackend
-
-        return _TorchBackend()
+        backend, _, _ = _ray_compat.torch_backend()
+        return backend()
 
     def on_start(self, worker_group: Any, backend_config: LateTorchConfig) -> None:
         port = None
@@ -76,14 +75,15 @@ class _LateTorchBackend(Backend):
             self._ray().on_start(worker_group, backend_config)
             return
         import ray
-        from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group
+
+        _, set_env_vars, setup_process_group = _ray_compat.torch_backend()
 
         worker_group.execute(_join_store_on_loopback, port)
-        worker_group.execute(_set_torch_distributed_env_vars)
+        worker_group.execute(set_env_vars)
         setup = [
             worker_group.execute_single_async(
                 rank,
-                _setup_torch_process_group,
+                setup_process_group,
                 backend=backend_config.backend,
                 world_rank=rank,
                 world_size=len(worker_group),

@@ -236,7 +236,7 @@ class GPT(nn.Module):
         """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that transformers loads."""
         from gpt2exp.model.hf import save_hf_checkpoint
 
-        return save_hf_checkpoint(self, path)
+        return save_hf_checkpoint(self.spec, self.state_dict(), path)
 
 
 def sample(

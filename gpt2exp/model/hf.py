@@ -11,16 +11,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec import ModelSpec
-
-if TYPE_CHECKING:
-    from gpt2exp.model.gpt import GPT
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -98,11 +94,11 @@ def load_hf_checkpoint(name_or_path: str | Path) -> tuple[ModelSpec, dict[str, T
     return spec, state
 
 
-def save_hf_checkpoint(model: GPT, path: str | Path) -> Path:
-    """Write ``model`` (learned positions, multi-head, no window) as a Hugging Face GPT-2 folder."""
+def save_hf_checkpoint(s: ModelSpec, weights: dict[str, Tensor], path: str | Path) -> Path:
+    """Write a model of spec ``s`` (learned positions, multi-head, no window) with its state dict ``weights``
+    as a Hugging Face GPT-2 folder."""
     from safetensors.torch import save_file
 
-    s = model.spec
     if s.positional != "learned" or s.n_kv_head != s.n_head or s.sliding_window or not s.bias:
         raise ValueError(
             f"only GPT-2-shaped models export to Hugging Face GPT-2 (learned positions, multi-head, bias, no window); "
@@ -111,7 +107,7 @@ def save_hf_checkpoint(model: GPT, path: str | Path) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in weights.items():
         if key == "lm_head.weight" and s.tie_weights:
             continue
         state[key] = (value.t() if key.endswith(_CONV1D) else value).detach().cpu().contiguous()

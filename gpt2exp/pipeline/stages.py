@@ -62,34 +62,31 @@ def prepare_stage(stage: PrepareStage, ctx: Context) -> dict[str, Any]:
 
 
 def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
-    from gpt2exp.launch.plan import read_status
     from gpt2exp.launch.runner import run_experiment
     from gpt2exp.spec import set_dotted, validate_spec
-    from gpt2exp.tracking.runs import IDS
 
     raw = stage.experiment.model_dump(mode="json", exclude_unset=True)
     set_dotted(raw, "tracking.tracking_uri", ctx.uri)
     if ctx.launcher:
         set_dotted(raw, "parallel.launcher", ctx.launcher)
     spec = validate_spec(raw, f"stage {stage.name}")
-    plan, results = run_experiment(spec, ctx.output, ctx.console, show_progress=ctx.show_progress, out_dir=ctx.folder)
-    failed = [f"{r.variant} (seed {r.seed}): {r.status}" for r in results.itertuples() if r.status != "completed"]
+    result = run_experiment(spec, ctx.output, ctx.console, show_progress=ctx.show_progress, out_dir=ctx.folder)
+    runs = result.runs
+    failed = [f"{r.variant} (seed {r.seed}): {r.status}" for r in runs.itertuples() if r.status != "completed"]
     if failed:
-        raise StageFailed(f"{len(failed)} of {len(results)} run(s) did not complete: {'; '.join(failed)}")
-    parent = json.loads((plan.out_dir / IDS).read_text())["run_id"]
-    ctx.run.client.set_tag(parent, "gpt2exp.pipeline_run", ctx.run.run_id)
-    losses = {job.key: read_status(job)["val_loss"] for job in plan.jobs}
-    best = min(plan.jobs, key=lambda j: losses[j.key])
-    best_run = json.loads((Path(best.run_dir) / IDS).read_text())["run_id"]
+        raise StageFailed(f"{len(failed)} of {len(runs)} run(s) did not complete: {'; '.join(failed)}")
+    best = result.best
+    assert result.parent_run_id is not None and best is not None  # a pipeline's runs are tracked, and all completed
+    ctx.run.client.set_tag(result.parent_run_id, "gpt2exp.pipeline_run", ctx.run.run_id)
     return {
         "experiment": spec.tracking.experiment_name or spec.name,
-        "parent_run_id": parent,
-        "out_dir": str(plan.out_dir),
-        "runs": len(plan.jobs),
-        "best_variant": best.variant,
-        "best_seed": best.seed,
-        "best_val_loss": losses[best.key],
-        "best_model_uri": f"runs:/{best_run}/model",
+        "parent_run_id": result.parent_run_id,
+        "out_dir": str(result.out_dir),
+        "runs": len(runs),
+        "best_variant": best["variant"],
+        "best_seed": int(best["seed"]),
+        "best_val_loss": float(best["val_loss"]),
+        "best_model_uri": best["model_uri"],
     }
 
 
@@ -191,12 +188,11 @@ def generate_stage(stage: GenerateStage, ctx: Context) -> dict[str, Any]:
 
 def export_stage(stage: ExportStage, ctx: Context) -> dict[str, Any]:
     from gpt2exp.data.tokenizer import bpe_files
-    from gpt2exp.model.hf import save_hf_checkpoint
 
     uri, model, _ = _load(stage.model, ctx)
     folder = Path(stage.folder) if stage.folder else ctx.folder / "hf"
     try:
-        save_hf_checkpoint(model, folder)
+        model.save_pretrained(folder)
     except ValueError as e:
         raise StageFailed(f"{uri}: {e}") from None
     if files := bpe_files():  # Hugging Face's GPT-2 tokenizer files: the same BPE under its names

@@ -14,7 +14,6 @@ import platform
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from mlflow.utils.async_logging.run_operations import RunOperations
 from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.tracking.store import sqlite_path
+from gpt2exp.training.job import RunRef
 
 MAX_PARAM = 6000  # MLflow's limit on a param value
 METRICS = (
@@ -134,15 +134,6 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-@dataclass(frozen=True)
-class RunRef:
-    """Where a worker logs: the tracking URI and its child run (plain data: it crosses processes)."""
-
-    uri: str
-    run_id: str
-    experiment_id: str
 
 
 class ExperimentTracker:

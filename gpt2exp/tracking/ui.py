@@ -25,7 +25,7 @@ from pathlib import Path
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.tracking.store import check_store
 
-STARTUP_TIMEOUT_S = 90.0  # ready in about 6 s on an idle machine; much slower on a busy one
+STARTUP_TIMEOUT_S = 90.0  # seconds on an idle machine, far more on a busy one
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 
 

@@ -4,12 +4,18 @@ Ray run, and Ray's own processes, unpickle it without loading the model code).""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec import ExperimentSpec
 
-if TYPE_CHECKING:
-    from gpt2exp.tracking.runs import RunRef
+
+@dataclass(frozen=True)
+class RunRef:
+    """Where rank 0 logs a job: the tracking URI and its MLflow child run (plain data: it crosses processes)."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
 
 
 @dataclass(frozen=True)
@@ -31,5 +37,5 @@ class TrainJob:
         return f"{self.variant}/seed={self.seed}"
 
 
-class Diverged(RuntimeError):
-    """The loss or gradient became NaN/inf."""
+class Diverged(Gpt2expError, RuntimeError):
+    """The loss or gradient became NaN/inf (a run's outcome: its siblings go on)."""

@@ -41,6 +41,25 @@ class Session(Protocol):
         """Rank 0: a metrics record for progress display and tracking (must not block)."""
 
 
+class RunLog(Protocol):
+    """Where rank 0 logs its run (``gpt2exp.tracking.runs.RunLogger``: an MLflow run), given by the launcher."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Facts known once the model is built."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        """A step's metrics record (sent without waiting)."""
+
+    def flush(self) -> None:
+        """Wait until every record sent is stored: a resume from the next checkpoint skips those steps."""
+
+    def checkpoint(self, step: int, location: str) -> None:
+        """A checkpoint that is committed (a resume would use it)."""
+
+    def final_model(self, final_dir: Path, step: int) -> None:
+        """The final model, saved in ``final_dir``."""
+
+
 def _autocast(spec: ExperimentSpec, device: torch.device) -> contextlib.AbstractContextManager:
     precision = spec.train.precision
     if precision == "auto":
@@ -50,22 +69,9 @@ def _autocast(spec: ExperimentSpec, device: torch.device) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def train(job: TrainJob, session: Session) -> dict[str, Any]:
+def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict[str, Any]:
     """Train ``job`` to ``job.total_steps`` (resuming from the session's latest checkpoint); rank 0
-    logs into the job's MLflow run when it has one."""
-    logger = None
-    if job.tracking is not None and session.rank == 0:
-        from gpt2exp.tracking.runs import RunLogger
-
-        logger = RunLogger(job.tracking, job.spec.tracking.system_metrics)
-    try:
-        return _train(job, session, logger)
-    finally:
-        if logger is not None:
-            logger.close()
-
-
-def _train(job: TrainJob, session: Session, logger: Any) -> dict[str, Any]:
+    logs into ``logger`` when the launcher gives one."""
     spec, t, device = job.spec, job.spec.train, session.device
     torch.manual_seed(job.seed)  # dropout; the weights come from (seed, parameter name) alone
     raw = GPT(spec.model, seed=job.seed).to(device)
