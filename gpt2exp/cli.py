@@ -348,7 +348,7 @@ def send_job(
     dry_run: bool,
     **options: Any,
 ) -> None:
-    """Submit through ``call`` (``gpt2exp.launch.submit``), then print the id (stdout) or the final status;
+    """Submit through ``call`` (``gpt2exp.jobs.submit``), then print the id (stdout) or the final status;
     ``dry_run``: what would be uploaded and run."""
     sid = call(*args, follow=follow, working_dir=working_dir, excludes=exclude or [], say=note, dry_run=dry_run, **options)
     if dry_run:
@@ -373,10 +373,9 @@ def submit(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Run an experiment on a Ray cluster as a Ray Job: the project folder, the effective spec, its environment."""
-    from gpt2exp.launch.submit import submit as submit_job
+    from gpt2exp.jobs.submit import submit as submit_job
 
-    load_spec(spec_file, [*(set_ or []), "parallel.launcher=ray"])  # a bad spec: FILE: field: reason lines, exit 2
-    send_job(
+    send_job(  # a bad spec raises its SpecError before the cluster is contacted: FILE: field: reason lines, exit 2
         submit_job,
         spec_file,
         set_,
@@ -401,7 +400,8 @@ def jobs_list(
     all_: Annotated[bool, typer.Option("--all", help="Also the jobs that gpt2exp did not submit.")] = False,
 ) -> None:
     """The cluster's gpt2exp jobs, oldest first."""
-    from gpt2exp.launch.submit import connect, jobs_table, list_jobs
+    from gpt2exp.jobs.connection import connect
+    from gpt2exp.jobs.follow import jobs_table, list_jobs
 
     console.print(jobs_table(list_jobs(connect(address), all_)))
 
@@ -409,7 +409,8 @@ def jobs_list(
 @jobs_app.command("status")
 def jobs_status(submission_id: JobIdArg, address: AddressOpt = None) -> None:
     """A job's status, Ray's message, and where its experiment writes."""
-    from gpt2exp.launch.submit import connect, describe_job, job_details
+    from gpt2exp.jobs.connection import connect
+    from gpt2exp.jobs.follow import describe_job, job_details
 
     for line in describe_job(job_details(connect(address), submission_id)):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -424,7 +425,8 @@ def jobs_logs(
     ] = False,
 ) -> None:
     """A job's logs (driver stdout and stderr)."""
-    from gpt2exp.launch.submit import connect, follow_job, job_logs
+    from gpt2exp.jobs.connection import connect
+    from gpt2exp.jobs.follow import follow_job, job_logs
 
     cluster = connect(address)
     if follow:
@@ -437,7 +439,8 @@ def jobs_logs(
 @jobs_app.command("stop")
 def jobs_stop(submission_id: JobIdArg, address: AddressOpt = None) -> None:
     """Stop a job (its driver and Ray Train workers); finished runs and registered checkpoints stay."""
-    from gpt2exp.launch.submit import connect, stop_job
+    from gpt2exp.jobs.connection import connect
+    from gpt2exp.jobs.follow import stop_job
 
     info = stop_job(connect(address), submission_id)
     console.print(f"{submission_id}: {info.status}", highlight=False)
@@ -519,7 +522,7 @@ def pipeline_submit(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Run a whole pipeline on a Ray cluster as one Ray Job (its run stages use Ray Train there)."""
-    from gpt2exp.launch.submit import submit_pipeline
+    from gpt2exp.jobs.submit import submit_pipeline
 
     check_from(load_pipeline(pipeline_file), from_, pipeline_file)  # a bad pipeline: FILE: field: reason lines, exit 2
     send_job(
