@@ -67,7 +67,7 @@ def _needs_cli() -> None:
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     if "submit" not in names:
-        pytest.skip("gpt2exp/cli.py has no `submit` command yet (paste the submit/jobs commands)")
+        pytest.skip("gpt2exp/cli/ has no `submit` command yet (paste the submit/jobs commands)")
 
 
 # ------------------------------------------------------------------------------------ a Ray head
@@ -524,7 +524,7 @@ def test_the_package_holds_the_project_and_the_effective_spec(tmp_path: Path) ->
     package = build_package(ROOT, f"{sid}.yaml", spec_yaml, tmp_path / "p.zip")
     names = zipfile.ZipFile(package).namelist()
     assert f"{SPEC_DIR}/{sid}.yaml" in names
-    assert {"gpt2exp/cli.py", "gpt2exp/jobs/submit.py", "experiments/quickstart.yaml"} <= set(names)
+    assert {"gpt2exp/cli/__init__.py", "gpt2exp/jobs/submit.py", "experiments/quickstart.yaml"} <= set(names)
     assert not [n for n in names if n.startswith((".venv/", ".git/", "tests/", "outputs/")) or "__pycache__" in n]
     assert package.stat().st_size < 5 * 1024**2
 
@@ -532,7 +532,7 @@ def test_the_package_holds_the_project_and_the_effective_spec(tmp_path: Path) ->
     other.mkdir()
     (other / "data.txt").write_text("hello")
     names = zipfile.ZipFile(build_package(other, "s.yaml", spec_yaml, tmp_path / "q.zip")).namelist()
-    assert {"data.txt", "gpt2exp/__init__.py", "gpt2exp/cli.py", f"{SPEC_DIR}/s.yaml"} <= set(names)
+    assert {"data.txt", "gpt2exp/__init__.py", "gpt2exp/cli/__init__.py", f"{SPEC_DIR}/s.yaml"} <= set(names)
 
 
 SECRETS = [
@@ -582,7 +582,7 @@ def test_dry_run_lists_the_upload_and_the_entrypoint_without_a_cluster(tmp_path:
     files = {line.split()[1]: int(line.split()[0].replace(",", "")) for line in lines[3:]}
     total = re.fullmatch(rf"upload from {re.escape(str(folder))}: (\d+) file\(s\), ([\d,]+) bytes \([\d,]+ zipped\)", lines[2])
     assert total and int(total[1]) == len(files) and int(total[2].replace(",", "")) == sum(files.values()), lines[2]
-    assert {*KEPT, ".rayignore", ".gpt2exp-submit/gpt2exp-dry.yaml", "gpt2exp/cli.py"} <= set(files)
+    assert {*KEPT, ".rayignore", ".gpt2exp-submit/gpt2exp-dry.yaml", "gpt2exp/cli/__init__.py"} <= set(files)
     assert files["train.py"] == len("contents of train.py\n")
     assert not set(files) & set(SECRETS)
 
