@@ -11,11 +11,13 @@ MLFLOW = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # the CLI prints the URIs a user needs itself
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per artifact would bury the run's own progress
 }
-RAY = {
+RAY_TRAIN = {
     # Ray Train's controller polls its workers every 2 s by default, which delays every checkpoint report and the
     # end of every run; the Train controller actor reads it too, so a Ray job sets it job-wide
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+RAY = RAY_TRAIN | {  # and for a private cluster on this machine: bound to 127.0.0.1, no usage reporting
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }

@@ -29,13 +29,20 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+_RAISED = re.compile(r"^[\w.]*(Error|Exception|Diverged|Interrupt)\b.*: ")  # "ValueError: ...", "ray.exceptions.X: ..."
+
+
+def last_raised(lines: list[str]) -> str | None:
+    """The last line of ``lines`` that reports a raised exception (``SomeError: message``), if any."""
+    return next((line for line in reversed(lines) if _RAISED.match(line)), None)
+
+
 def one_line(text: str) -> str:
     """The telling line of an error message: the last ``SomeError: ...`` line of an embedded traceback
     (Ray wraps them), else the first line, with the next one when it ends in a colon; at most 500 characters."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Diverged|Interrupt)\b.*: ", line)]
-    if raised:
-        return raised[-1][:500]
+    if raised := last_raised(lines):
+        return raised[:500]
     head = lines[:2] if len(lines) > 1 and lines[0].endswith(":") else lines[:1]
     return " ".join(head)[:500]
 

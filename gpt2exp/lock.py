@@ -23,7 +23,7 @@ from gpt2exp.errors import Gpt2expError
 def _command() -> str:
     """This process's command line, as the user typed it (``gpt2exp ...`` however the CLI was started)."""
     argv0 = Path(sys.argv[0])
-    program = "gpt2exp" if argv0.name == "gpt2exp" or argv0.parts[-2:] == ("gpt2exp", "cli.py") else argv0.name
+    program = "gpt2exp" if argv0.name == "gpt2exp" or argv0.parts[-3:] == ("gpt2exp", "cli", "__main__.py") else argv0.name
     text = shlex.join([program, *sys.argv[1:]])
     return text if len(text) <= 200 else text[:199] + "…"
 

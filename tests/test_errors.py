@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from gpt2exp import cli
+from gpt2exp.cli import experiment
 from gpt2exp.errors import Gpt2expError, check_inside
 from gpt2exp.spec import ModelSpec
 
@@ -288,20 +289,20 @@ def test_library_and_os_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.
         ),
     ]
     for exc, code, expected in cases:
-        monkeypatch.setattr(cli, "load_spec", raising(exc))
+        monkeypatch.setattr(experiment, "load_spec", raising(exc))
         result = invoke("validate", "x.yaml")
         check(result, expected, code)
         assert ("unexpected" in result.stderr) == expected.startswith("error: unexpected"), result.stderr
 
 
 def test_ctrl_c_is_one_line_and_130(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "load_spec", raising(KeyboardInterrupt()))
+    monkeypatch.setattr(experiment, "load_spec", raising(KeyboardInterrupt()))
     result = invoke("validate", "x.yaml")
     assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted"
 
 
 def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "load_spec", raising(RuntimeError("boom")))
+    monkeypatch.setattr(experiment, "load_spec", raising(RuntimeError("boom")))
     monkeypatch.setenv("GPT2EXP_DEBUG", "1")
     result = invoke("validate", "x.yaml")
     assert isinstance(result.exception, RuntimeError) and result.stderr == ""

@@ -26,22 +26,11 @@ import psutil
 import pytest
 import yaml
 
-from gpt2exp.launch.submit import (
-    SPEC_DIR,
-    Node,
-    SubmitError,
-    absolute_store,
-    build_package,
-    check_fit,
-    check_output,
-    check_tracking,
-    connect,
-    effective_spec_yaml,
-    entrypoint,
-    error_line,
-    new_submission_id,
-    resolve_address,
-)
+from gpt2exp.jobs.connection import Node, SubmitError, connect, resolve_address
+from gpt2exp.jobs.follow import error_line
+from gpt2exp.jobs.package import SPEC_DIR, build_package, effective_spec_yaml
+from gpt2exp.jobs.rules import absolute_store, check_fit, check_output, check_tracking
+from gpt2exp.jobs.submit import entrypoint, new_submission_id
 from gpt2exp.spec import load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +67,7 @@ def _needs_cli() -> None:
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     if "submit" not in names:
-        pytest.skip("gpt2exp/cli.py has no `submit` command yet (paste the submit/jobs commands)")
+        pytest.skip("gpt2exp/cli/ has no `submit` command yet (paste the submit/jobs commands)")
 
 
 # ------------------------------------------------------------------------------------ a Ray head
@@ -374,6 +363,31 @@ def test_a_failing_job_reports_failed_with_its_error(ray_head: str, corpus_head,
 
 
 @pytest.mark.slow
+def test_on_several_nodes_the_job_checks_the_shared_output_then_runs(ray_head: str, corpus_head, tmp_path: Path) -> None:
+    """``--autoscaling`` applies the multi-node rules: the job's entrypoint is ``gpt2exp.jobs.checked_run``, which
+    checks in the job that every node (here one) sees the output folder, then runs the experiment in that process."""
+    out = tmp_path / "out"
+    r = cli(
+        "submit",
+        str(QUICKSTART),
+        "--address",
+        ray_head,
+        "--follow",
+        "--autoscaling",
+        "--output",
+        str(out),
+        *tiny(corpus_head(200_000), "tracking.enabled=false"),
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sid = _submitted_id(r.stderr)
+    assert f"output {out} is shared by all 1 node(s)" in r.stdout
+    assert "completed" in r.stdout and f"job {sid} SUCCEEDED" in r.stdout
+    entry = connect(ray_head).client.get_job_info(sid).entrypoint
+    assert entry.startswith(f"python -m gpt2exp.jobs.checked_run {out} run .gpt2exp-submit/{sid}.yaml --launcher ray")
+    assert (out / "quickstart" / "results.csv").is_file()
+
+
+@pytest.mark.slow
 def test_jobs_stop_and_unknown_ids(ray_head: str, corpus_head, tmp_path: Path) -> None:
     r = cli(
         "submit",
@@ -510,7 +524,7 @@ def test_the_package_holds_the_project_and_the_effective_spec(tmp_path: Path) ->
     package = build_package(ROOT, f"{sid}.yaml", spec_yaml, tmp_path / "p.zip")
     names = zipfile.ZipFile(package).namelist()
     assert f"{SPEC_DIR}/{sid}.yaml" in names
-    assert {"gpt2exp/cli.py", "gpt2exp/launch/submit.py", "experiments/quickstart.yaml"} <= set(names)
+    assert {"gpt2exp/cli/__init__.py", "gpt2exp/jobs/submit.py", "experiments/quickstart.yaml"} <= set(names)
     assert not [n for n in names if n.startswith((".venv/", ".git/", "tests/", "outputs/")) or "__pycache__" in n]
     assert package.stat().st_size < 5 * 1024**2
 
@@ -518,7 +532,7 @@ def test_the_package_holds_the_project_and_the_effective_spec(tmp_path: Path) ->
     other.mkdir()
     (other / "data.txt").write_text("hello")
     names = zipfile.ZipFile(build_package(other, "s.yaml", spec_yaml, tmp_path / "q.zip")).namelist()
-    assert {"data.txt", "gpt2exp/__init__.py", "gpt2exp/cli.py", f"{SPEC_DIR}/s.yaml"} <= set(names)
+    assert {"data.txt", "gpt2exp/__init__.py", "gpt2exp/cli/__init__.py", f"{SPEC_DIR}/s.yaml"} <= set(names)
 
 
 SECRETS = [
@@ -568,7 +582,7 @@ def test_dry_run_lists_the_upload_and_the_entrypoint_without_a_cluster(tmp_path:
     files = {line.split()[1]: int(line.split()[0].replace(",", "")) for line in lines[3:]}
     total = re.fullmatch(rf"upload from {re.escape(str(folder))}: (\d+) file\(s\), ([\d,]+) bytes \([\d,]+ zipped\)", lines[2])
     assert total and int(total[1]) == len(files) and int(total[2].replace(",", "")) == sum(files.values()), lines[2]
-    assert {*KEPT, ".rayignore", ".gpt2exp-submit/gpt2exp-dry.yaml", "gpt2exp/cli.py"} <= set(files)
+    assert {*KEPT, ".rayignore", ".gpt2exp-submit/gpt2exp-dry.yaml", "gpt2exp/cli/__init__.py"} <= set(files)
     assert files["train.py"] == len("contents of train.py\n")
     assert not set(files) & set(SECRETS)
 
@@ -577,7 +591,7 @@ def test_dry_run_lists_the_upload_and_the_entrypoint_without_a_cluster(tmp_path:
     r = cli("pipeline", "submit", str(pipeline), "--submission-id", "gpt2exp-p", "--autoscaling", *common, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1] == (
-        f"entrypoint: python -m gpt2exp.launch.submit checked-run {out} pipeline run .gpt2exp-submit/gpt2exp-p.yaml "
+        f"entrypoint: python -m gpt2exp.jobs.checked_run {out} pipeline run .gpt2exp-submit/gpt2exp-p.yaml "
         f"--launcher ray --output {out} --no-progress"
     )
 
@@ -587,11 +601,37 @@ def test_entrypoint_is_quoted_and_checks_sharing_on_several_nodes() -> None:
         "python -m gpt2exp.cli run .gpt2exp-submit/a.yaml --launcher ray --output '/out dir' --no-progress"
     )
     assert entrypoint("s.yaml", "/mnt/x", check_shared=True) == (
-        "python -m gpt2exp.launch.submit checked-run /mnt/x run s.yaml --launcher ray --output /mnt/x --no-progress"
+        "python -m gpt2exp.jobs.checked_run /mnt/x run s.yaml --launcher ray --output /mnt/x --no-progress"
     )
     assert entrypoint("p.yaml", "/o", False, ["pipeline", "run"], ["--from", "a b"]) == (
         "python -m gpt2exp.cli pipeline run p.yaml --launcher ray --output /o --no-progress --from 'a b'"
     )
+
+
+def test_checked_run_hands_over_to_the_cli_in_its_process(tmp_path: Path) -> None:
+    """``python -m gpt2exp.jobs.checked_run OUT ARGS``: once the shared-folder check passes (stubbed here: it needs a
+    cluster), ``gpt2exp ARGS`` runs in the same process, with its output and exit code; a failed check runs nothing."""
+    stub = "import sys; from gpt2exp.jobs import checked_run as c; c.check_shared = lambda output: {}; sys.exit(c.main(sys.argv[1:]))"
+
+    def checked_run(check_code: int, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", stub.format(check_code), str(tmp_path), *args],
+            cwd=ROOT,
+            env=CLI_ENV | {"COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = checked_run(0, "validate", str(QUICKSTART))
+    assert ok.returncode == 0 and "quickstart: 2 variant(s)" in ok.stdout, ok.stderr
+    missing = tmp_path / "nope.yaml"
+    bad = checked_run(0, "validate", str(missing))
+    assert bad.returncode == 2 and bad.stderr.strip() == f"{missing}: no such file"
+    not_shared = checked_run(2, "validate", str(QUICKSTART))
+    assert not_shared.returncode == 2 and not_shared.stdout == ""
+    usage = subprocess.run([sys.executable, "-m", "gpt2exp.jobs.checked_run"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: python -m gpt2exp.jobs.checked_run OUTPUT_FOLDER")
 
 
 def test_error_line_prefers_gpt2exp_errors() -> None:

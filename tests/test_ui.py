@@ -217,7 +217,7 @@ def test_cli_ui_without_store_fails_in_one_line(tmp_path: Path) -> None:
     from gpt2exp.cli import app
 
     if "ui" not in {c.name or c.callback.__name__ for c in app.registered_commands}:
-        pytest.skip("`gpt2exp ui` is not wired into gpt2exp/cli.py yet")
+        pytest.skip("`gpt2exp ui` is not wired into gpt2exp/cli/ yet")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     r = subprocess.run(
         [sys.executable, "-m", "gpt2exp.cli", "ui", "--output", str(tmp_path)],
