@@ -1,14 +1,18 @@
-"""gpt2exp from Python: ``gpt2exp.run`` returns the runs, their MLflow ids and the comparison as values (what
-``gpt2exp run`` prints), and ``gpt2exp.compare`` gives the same table again from MLflow; a tiny real experiment
+"""The front doors. From Python: ``gpt2exp.run`` returns the runs, their MLflow ids and the comparison as values (what
+``gpt2exp run`` prints), and ``gpt2exp.compare`` gives the same table again from MLflow. The CLI: ``run`` ends with the run ids,
+the best model and the next commands, speaks JSON, and prints plain lines into a pipe. Tiny real experiments
 on the real corpus."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 import gpt2exp
@@ -68,3 +72,40 @@ def test_a_bad_spec_raises_spec_error_with_the_field(corpus: Path, tmp_path: Pat
         gpt2exp.run(tiny(corpus, tmp_path), output=tmp_path / "out", overrides=["model.n_head=3"], progress=False)
     assert any("n_head" in line for line in caught.value.lines())
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_cli_run_ends_with_where_to_look_next_and_speaks_json(corpus: Path, tmp_path: Path) -> None:
+    """``gpt2exp run`` with its output piped (a CI log): plain progress lines, the runs, the MLflow run ids, the
+    best model's URI and the next commands; ``--json``: the same result as JSON alone on stdout."""
+    raw = tiny(corpus, tmp_path) | {"variants": [{"name": "mha", "set": {}}]}
+    raw["train"] |= {"seeds": [1], "log_interval": 2}
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "gpt2exp.cli", "run", str(spec), "--output", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "mha/seed=1 · running · step 4/4 · train loss" in done.stdout and "val loss" in done.stdout  # no live table
+    assert not any("━" in line or "┃" in line for line in lines[: lines.index(next(x for x in lines if "runs" in x))])
+    run_id = pd.read_csv(tmp_path / "out" / "api" / "results.csv").run_id[0]
+    assert f"mha/seed=1: run {run_id}" in done.stdout
+    assert "best: mha (seed 1, val loss " in done.stdout and f"model runs:/{run_id}/model" in done.stdout
+    assert f"  gpt2exp compare {spec} --output {tmp_path / 'out'}" in done.stdout
+    assert f"  gpt2exp generate --model-uri runs:/{run_id}/model --output {tmp_path / 'out'}" in done.stdout
+
+    again = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    data = json.loads(again.stdout)  # stdout is the JSON alone; the tables went to stderr
+    assert [(r["variant"], r["status"], r["run_id"]) for r in data["runs"]] == [("mha", "completed", run_id)]
+    assert data["best"]["model_uri"] == f"runs:/{run_id}/model" and "1 run(s), 0 to do" in again.stderr
+
+
+def test_cli_version_and_choices() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "gpt2exp.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"gpt2exp {version('gpt2exp')}"
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpt2exp.cli", "compare", "x", "--format", "xml"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "'xml' is not one of" in bad.stderr and "table" in bad.stderr

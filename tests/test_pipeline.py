@@ -211,6 +211,13 @@ def test_rerun_skips_completed_stages(study: tuple[Path, PipelineRun]) -> None:
         "samples": "completed, will rerun",
         "hf": "completed",
     }, status.output
+    as_json = CliRunner().invoke(
+        app, ["pipeline", "status", str(folder / "changed.yaml"), "--output", str(folder / "out"), "--json"]
+    )
+    data = json.loads(as_json.stdout)  # the same, for scripts: with every stage's outputs
+    assert data["run_id"] == run.run_id and [s["stage"] for s in data["stages"]] == list(rows)
+    assert {s["stage"]: s["status"] for s in data["stages"]} == rows
+    assert next(s for s in data["stages"] if s["stage"] == "train")["output"] == run.states["train"].output
 
 
 def test_failed_stage_is_recorded_and_the_fixed_pipeline_continues(study: tuple[Path, PipelineRun]) -> None:

@@ -10,6 +10,7 @@ stop every Ray of this user on the machine, other test sessions' included)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -237,6 +238,10 @@ def test_submit_follow_runs_the_quickstart_and_logs_to_the_mlflow_server(
     listed = cli("jobs", "list", "--address", ray_head)
     assert listed.returncode == 0, listed.stderr
     assert sid in listed.stdout and "SUCCEEDED" in listed.stdout
+    as_json = json.loads(cli("jobs", "list", "--address", ray_head, "--json").stdout)
+    assert {"submission_id": sid, "status": "SUCCEEDED", "experiment": "quickstart"}.items() <= next(
+        j for j in as_json if j["submission_id"] == sid
+    ).items()
     status = cli("jobs", "status", sid, "--address", ray_head)
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith(f"{sid}: SUCCEEDED")

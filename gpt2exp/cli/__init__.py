@@ -7,6 +7,8 @@ import their heavy libraries (torch, MLflow, Ray) when they run, so that ``--hel
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from gpt2exp.cli import experiment, jobs, models, pipeline, ui
@@ -14,7 +16,26 @@ from gpt2exp.cli.output import OneErrorPath
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(cls=OneErrorPath, no_args_is_help=True, add_completion=False, help="Compare GPT-2 variants from one YAML spec.")
+app = typer.Typer(cls=OneErrorPath, no_args_is_help=True, help="Compare GPT-2 variants from one YAML spec.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from gpt2exp import __version__
+
+        typer.echo(f"gpt2exp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Compare GPT-2 variants from one YAML spec."""
+
+
 # registered here, in the order `gpt2exp --help` lists them
 for command in (
     experiment.validate,

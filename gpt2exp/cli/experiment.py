@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from gpt2exp.cli.options import SetOpt, SpecArg
-from gpt2exp.cli.output import console, err_console, fail
+from gpt2exp.cli.options import Format, JsonOpt, LauncherOpt, SetOpt, SpecArg
+from gpt2exp.cli.output import console, err_console, fail, print_json
 from gpt2exp.errors import check_inside
 from gpt2exp.spec import ExperimentSpec, load_spec
+
+if TYPE_CHECKING:
+    from gpt2exp.launch.runner import ExperimentResult
 
 
 def _human(n: float) -> str:
@@ -26,12 +30,27 @@ def _human(n: float) -> str:
     return f"{n:.3g}P"
 
 
-def validate(spec_file: SpecArg, set_: SetOpt = None) -> None:
+def validate(spec_file: SpecArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
     """Validate a spec and print its expanded variants (sizes computed from the spec: no model is built)."""
     from gpt2exp.model.size import flops_per_token, num_params
 
     spec = load_spec(spec_file, set_ or [])
     variants = spec.expand()
+    t, p = spec.train, spec.parallel
+    budget = f"{t.max_steps} steps" if t.max_steps else f"{t.max_tokens:,} tokens" if t.max_tokens else f"{t.max_epochs} epochs"
+    if json_:
+        rows = [
+            {
+                "variant": v.name,
+                "attention": v.spec.model.attention_kind,
+                "positional": v.spec.model.positional,
+                "params": num_params(v.spec.model),
+                "flops_per_token": flops_per_token(v.spec.model),
+            }
+            for v in variants
+        ]
+        print_json({"name": spec.name, "seeds": spec.train.run_seeds, "budget": budget, "variants": rows})
+        return
     table = Table(title=f"{spec.name}: {len(variants)} variant(s) × {len(spec.train.run_seeds)} seed(s)")
     for col in ("variant", "attention", "positions", "parameters", "FLOPs/token"):
         table.add_column(col, justify="right" if col in ("parameters", "FLOPs/token") else "left")
@@ -39,8 +58,6 @@ def validate(spec_file: SpecArg, set_: SetOpt = None) -> None:
         m = v.spec.model
         table.add_row(v.name, m.attention_kind, m.positional, f"{num_params(m):,}", _human(flops_per_token(m)))
     console.print(table)
-    t, p = spec.train, spec.parallel
-    budget = f"{t.max_steps} steps" if t.max_steps else f"{t.max_tokens:,} tokens" if t.max_tokens else f"{t.max_epochs} epochs"
     console.print(
         f"data {spec.data.source} · {budget} · batch {t.batch_size}×{spec.model.block_size} tokens "
         f"(micro {spec.micro_batch_size} × accum {spec.grad_accum_steps} × workers {p.num_workers}) · "
@@ -52,32 +69,59 @@ def validate(spec_file: SpecArg, set_: SetOpt = None) -> None:
 def run(
     spec_file: SpecArg,
     set_: SetOpt = None,
-    launcher: Annotated[str | None, typer.Option(help="local or ray (default: the spec's parallel.launcher).")] = None,
+    launcher: LauncherOpt = None,
     output: Annotated[Path, typer.Option(help="Folder for runs, checkpoints and results.")] = Path("outputs"),
     progress: Annotated[bool, typer.Option(help="Live progress table.")] = True,
+    json_: JsonOpt = False,
 ) -> None:
-    """Train every variant of a spec and print the results table."""
+    """Train every variant of a spec and print the results table, the verdicts and where to look next."""
     from gpt2exp.launch.plan import experiment_dir
     from gpt2exp.launch.runner import run_experiment
 
-    overrides = list(set_ or []) + ([f"parallel.launcher={launcher}"] if launcher else [])
+    overrides = list(set_ or []) + ([f"parallel.launcher={launcher.value}"] if launcher else [])
     spec = load_spec(spec_file, overrides)
+    out = err_console if json_ else console  # --json: stdout holds the JSON alone
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all ranks
-        console.quiet = True
+        out.quiet = True
         progress = False
     out_dir = experiment_dir(spec, output)
     try:
-        results = run_experiment(spec, output, console, show_progress=progress).runs
+        result = run_experiment(spec, output, out, show_progress=progress)
     except KeyboardInterrupt:
         raise fail(f"interrupted: rerun the same command to resume from the last checkpoints in {out_dir}", 130) from None
-    console.print(f"results: {out_dir / 'results.csv'}")
+    if out.quiet:
+        return
+    if json_:
+        print_json(result.to_dict())
+    else:
+        _next_steps(result, spec_file, output)
+    runs = result.runs
     failed = [
         f"{r.variant} (seed {r.seed}): {r.status}" + (f" ({r.error})" if isinstance(r.error, str) else "")
-        for r in results.itertuples()
+        for r in runs.itertuples()
         if r.status != "completed"
     ]
     if failed:
         raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")
+
+
+def _next_steps(result: ExperimentResult, spec_file: Path, output: Path) -> None:
+    """What ``run`` ends with: where the results are, the MLflow runs, the best model's URI, the next commands."""
+    console.print(f"results: {result.out_dir / 'results.csv'}", highlight=False, soft_wrap=True)
+    if result.parent_run_id is None:
+        return
+    console.print(f"MLflow: {result.tracking_uri} · parent run {result.parent_run_id}", highlight=False, soft_wrap=True)
+    for r in result.runs.itertuples():
+        console.print(f"  {r.variant}/seed={r.seed}: run {r.run_id}", highlight=False, soft_wrap=True)
+    opt = "" if output == Path("outputs") else f" --output {shlex.quote(str(output))}"
+    lines = [f"gpt2exp compare {shlex.quote(str(spec_file))}{opt}", f"gpt2exp ui{opt}"]
+    if (best := result.best) is not None:
+        uri = result.registered or best["model_uri"]
+        console.print(
+            f"best: {best['variant']} (seed {best['seed']}, val loss {best['val_loss']:.4f}) · model {uri}", highlight=False
+        )
+        lines.append(f"gpt2exp generate --model-uri {uri}{opt} --prompt 'ROMEO:'")
+    console.print("next:\n" + "\n".join(f"  {line}" for line in lines), highlight=False, markup=False, soft_wrap=True)
 
 
 def compare(
@@ -86,7 +130,7 @@ def compare(
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI, else OUTPUT/mlflow.db).")
     ] = None,
-    format_: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")] = "table",
+    format_: Annotated[Format, typer.Option("--format", "-f", help="What to print.")] = Format.table,
     metric: Annotated[str, typer.Option(help="Metric compared (final and best value).")] = "val_loss",
     baseline: Annotated[
         str | None, typer.Option(help="Variant compared to (default: the spec's baseline, else the first).")
@@ -98,11 +142,9 @@ def compare(
     ] = False,
 ) -> None:
     """Compare the variants of an experiment from MLflow: one row per variant, mean ± 95% CI over seeds."""
-    from gpt2exp.report import FORMATS, default_tracking_uri, load_runs, print_table, render, write_report
     from gpt2exp.report import comparison_table as make_table
+    from gpt2exp.report import default_tracking_uri, load_runs, print_table, render, write_report
 
-    if format_ not in FORMATS:
-        raise fail(f"--format {format_!r}: use one of {', '.join(FORMATS)}", 2)
     name, folder = experiment, output / experiment
     if experiment.endswith((".yaml", ".yml")) and Path(experiment).is_file():
         from gpt2exp.tracking.runs import tracking_uri as spec_tracking_uri
@@ -114,12 +156,14 @@ def compare(
     runs = load_runs(uri, name, run_id)
     table = make_table(runs, metric, baseline, finished_only=not include_unfinished)
     paths = write_report(runs, table, check_inside(output, folder)) if report else None
-    if format_ == "table":
+    if format_ is Format.table:
         print_table(console, table)
     else:
-        sys.stdout.write(render(table, format_))
+        sys.stdout.write(render(table, format_.value))
     if paths:
-        (console if format_ == "table" else err_console).print(f"report: {paths['html']}", highlight=False)  # csv/json stay clean
+        (console if format_ is Format.table else err_console).print(
+            f"report: {paths['html']}", highlight=False
+        )  # csv/json stay clean
 
 
 def schema() -> None:

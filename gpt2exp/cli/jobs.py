@@ -16,12 +16,13 @@ from gpt2exp.cli.options import (
     DryRunOpt,
     ExcludeOpt,
     FollowOpt,
+    JsonOpt,
     SetOpt,
     SpecArg,
     SubmissionIdOpt,
     WorkingDirOpt,
 )
-from gpt2exp.cli.output import console, note
+from gpt2exp.cli.output import console, note, print_json
 
 JobIdArg = Annotated[str, typer.Argument(help="Submission id (`gpt2exp jobs list` shows them).", show_default=False)]
 
@@ -83,12 +84,17 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Ray Jobs on a cluster (--addr
 def jobs_list(
     address: AddressOpt = None,
     all_: Annotated[bool, typer.Option("--all", help="Also the jobs that gpt2exp did not submit.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """The cluster's gpt2exp jobs, oldest first."""
     from gpt2exp.jobs.connection import connect
-    from gpt2exp.jobs.follow import jobs_table, list_jobs
+    from gpt2exp.jobs.follow import job_rows, jobs_table, list_jobs
 
-    console.print(jobs_table(list_jobs(connect(address), all_)))
+    jobs = list_jobs(connect(address), all_)
+    if json_:
+        print_json(job_rows(jobs))
+    else:
+        console.print(jobs_table(jobs))
 
 
 @jobs_app.command("status")

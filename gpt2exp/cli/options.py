@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+
+class Launcher(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+class Format(StrEnum):
+    """What ``compare`` prints (gpt2exp.report.FORMATS)."""
+
+    table = "table"
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (other output goes to stderr).")]
+LauncherOpt = Annotated[
+    Launcher | None, typer.Option(help="The launcher (default: the spec's parallel.launcher).", show_default=False)
+]
 SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: a.b.c=value (repeatable).")]
 OutputOpt = Annotated[Path, typer.Option(help="The project's output folder (its MLflow store: <output>/mlflow.db).")]

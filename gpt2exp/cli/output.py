@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -30,6 +31,11 @@ def fail_spec(e: SpecError) -> typer.Exit:
     for line in e.lines():
         err_console.print(printable(line), highlight=False, soft_wrap=True, markup=False)
     return typer.Exit(e.code)
+
+
+def print_json(data: object) -> None:
+    """``data`` as JSON on stdout (NaN as null), for scripts: ``--json`` on the commands that have it."""
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
 
 
 def note(text: str) -> None:

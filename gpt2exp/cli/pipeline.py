@@ -18,12 +18,14 @@ from gpt2exp.cli.options import (
     DryRunOpt,
     ExcludeOpt,
     FollowOpt,
+    JsonOpt,
+    Launcher,
     OutputOpt,
     SubmissionIdOpt,
     TrackingUriOpt,
     WorkingDirOpt,
 )
-from gpt2exp.cli.output import console, fail
+from gpt2exp.cli.output import console, fail, print_json
 from gpt2exp.pipeline.spec import PipelineSpec, load_pipeline
 
 pipeline_app = typer.Typer(
@@ -48,19 +50,25 @@ def pipeline_run(
     ),
     from_: FromOpt = None,
     new: NewOpt = False,
-    launcher: Annotated[str | None, typer.Option(help="local or ray for every run stage (default: each spec's).")] = None,
+    launcher: Annotated[Launcher | None, typer.Option(help="The launcher of every run stage (default: each spec's).")] = None,
     progress: Annotated[bool, typer.Option(help="Live progress of the run stages.")] = True,
 ) -> None:
     """Run a pipeline's stages in order; a rerun skips the stages that are done and resumes the others."""
     from gpt2exp.pipeline.runner import PipelineError, run_pipeline
 
-    if launcher not in (None, "local", "ray"):
-        raise fail(f"--launcher {launcher!r}: use local or ray", 2)
     pipeline = load_pipeline(pipeline_file)
     check_from(pipeline, from_, pipeline_file)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `jobs stop`, `kill`: record the stage as interrupted
     try:
-        run_pipeline(pipeline, output, start_from=from_, new=new, launcher=launcher, console=console, show_progress=progress)
+        run_pipeline(
+            pipeline,
+            output,
+            start_from=from_,
+            new=new,
+            launcher=launcher and launcher.value,
+            console=console,
+            show_progress=progress,
+        )
     except PipelineError as e:
         raise fail(f"{e}; fix it and rerun the same command to continue from this stage") from None
     except KeyboardInterrupt:
@@ -72,9 +80,10 @@ def pipeline_status(
     pipeline_file: PipelineArg,
     output: OutputOpt = Path("outputs"),
     tracking_uri: TrackingUriOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Validate a pipeline and show its stages' state from its latest MLflow run."""
-    from gpt2exp.pipeline.runner import status_table
+    from gpt2exp.pipeline.runner import status_rows, status_table
     from gpt2exp.pipeline.state import PipelineRun
     from gpt2exp.tracking.runs import store_uri
     from gpt2exp.tracking.store import sqlite_path
@@ -82,7 +91,11 @@ def pipeline_status(
     pipeline = load_pipeline(pipeline_file)
     uri = store_uri(output, tracking_uri or pipeline.tracking_uri)
     stored = (db := sqlite_path(uri)) is None or db.is_file()
-    console.print(status_table(pipeline, PipelineRun.find(uri, pipeline.name) if stored else None))
+    run = PipelineRun.find(uri, pipeline.name) if stored else None
+    if json_:
+        print_json({"pipeline": pipeline.name, "run_id": run.run_id if run else None, "stages": status_rows(pipeline, run)})
+    else:
+        console.print(status_table(pipeline, run))
 
 
 @pipeline_app.command("submit")

@@ -153,6 +153,21 @@ def duration(info: Any) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def job_rows(jobs: list[Any]) -> list[dict[str, Any]]:
+    """One record per job: submission id, status, experiment, start and end (epoch ms), message."""
+    return [
+        {
+            "submission_id": j.submission_id or j.job_id or "",
+            "status": str(j.status),
+            "experiment": (j.metadata or {}).get("gpt2exp.experiment", ""),
+            "start_time": j.start_time,
+            "end_time": j.end_time,
+            "message": first_line(j.message or ""),
+        }
+        for j in jobs
+    ]
+
+
 def jobs_table(jobs: list[Any]) -> Any:
     """A rich table of jobs: id, status, experiment, start, duration, message."""
     from rich.table import Table
@@ -160,15 +175,9 @@ def jobs_table(jobs: list[Any]) -> Any:
     table = Table(title=f"{len(jobs)} job(s)")
     for col in ("submission id", "status", "experiment", "started", "duration", "message"):
         table.add_column(col, overflow="fold")
-    for j in jobs:
-        message = first_line(j.message or "")
+    for j, row in zip(jobs, job_rows(jobs), strict=True):
         table.add_row(
-            j.submission_id or j.job_id or "",
-            str(j.status),
-            (j.metadata or {}).get("gpt2exp.experiment", ""),
-            when(j.start_time),
-            duration(j),
-            message[:80],
+            row["submission_id"], row["status"], row["experiment"], when(j.start_time), duration(j), row["message"][:80]
         )
     return table
 

@@ -150,21 +150,30 @@ def stale_stages(pipeline: PipelineSpec, run: PipelineRun) -> set[str]:
     return stale
 
 
+def status_rows(pipeline: PipelineSpec, run: PipelineRun | None) -> list[dict[str, Any]]:
+    """One record per stage: name, kind, status (``completed, will rerun`` when stale), attempt, seconds,
+    error and outputs; a stage not run yet is ``pending``."""
+    stale = stale_stages(pipeline, run) if run else set()
+    rows = []
+    for stage in pipeline.stages:
+        state = run.states.get(stage.name) if run else None
+        row: dict[str, Any] = {"stage": stage.name, "kind": stage.kind, "status": "pending"}
+        if state is not None:
+            status = f"{state.status}, will rerun" if stage.name in stale else state.status
+            row |= {"status": status, "attempt": state.attempt, "seconds": state.seconds, "error": state.error}
+            row["output"] = state.output
+        rows.append(row)
+    return rows
+
+
 def status_table(pipeline: PipelineSpec, run: PipelineRun | None) -> Table:
-    """One row per stage: its recorded status (``completed, will rerun`` when stale), attempt, time and
-    the outputs later stages use."""
+    """:func:`status_rows` as a table, showing the outputs later stages use."""
     table = Table(title=f"pipeline {pipeline.name}" + (f" · run {run.run_id}" if run else " · not run yet"))
     for col in ("stage", "kind", "status", "attempt", "seconds", "output"):
         table.add_column(col, justify="right" if col in ("attempt", "seconds") else "left")
-    stale = stale_stages(pipeline, run) if run else set()
-    for stage in pipeline.stages:
-        state = run.states.get(stage.name) if run else None
-        if state is None:
-            table.add_row(stage.name, stage.kind, "pending", "", "", "")
-            continue
-        shown = {k: v for k, v in state.output.items() if k not in MACHINE_LOCAL}
-        detail = state.error or ", ".join(f"{k}={v}" for k, v in shown.items())
-        seconds = "" if state.seconds is None else f"{state.seconds:.1f}"
-        status = f"{state.status}, will rerun" if stage.name in stale else state.status
-        table.add_row(stage.name, stage.kind, status, str(state.attempt), seconds, detail)
+    for row in status_rows(pipeline, run):
+        shown = {k: v for k, v in row.get("output", {}).items() if k not in MACHINE_LOCAL}
+        detail = row.get("error") or ", ".join(f"{k}={v}" for k, v in shown.items())
+        seconds = "" if row.get("seconds") is None else f"{row['seconds']:.1f}"
+        table.add_row(row["stage"], row["kind"], row["status"], str(row.get("attempt", "")), seconds, detail)
     return table
