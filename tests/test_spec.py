@@ -169,3 +169,20 @@ def test_spec_round_trips_through_yaml() -> None:
     spec = load_spec(REPO / "experiments" / "gqa_vs_mha.yaml")
     again = ExperimentSpec.model_validate(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"))))
     assert again == spec
+
+
+def test_validate_imports_no_torch() -> None:
+    """``gpt2exp validate`` computes sizes from the spec alone: torch (seconds to import) stays unloaded."""
+    code = (
+        "import sys\n"
+        "from gpt2exp.cli import app\n"
+        "try:\n"
+        "    app(['validate', 'experiments/quickstart.yaml'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "quickstart" in done.stdout and "torch loaded: False" in done.stdout
