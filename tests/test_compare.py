@@ -22,11 +22,12 @@ from scipy import stats
 
 from gpt2exp.launch.plan import make_plan, read_status
 from gpt2exp.launch.runner import run_plan
-from gpt2exp.report import ReportError, comparison_table, load_runs, render, rich_table, write_report
-from gpt2exp.report.compare import notes, per_run, to_html
+from gpt2exp.report import ReportError, comparison_table, load_runs, per_run, render, rich_table, write_report
+from gpt2exp.report.render import to_html
 from gpt2exp.report.stats import holm, mdd
+from gpt2exp.report.table import notes
 from gpt2exp.spec import validate_spec
-from gpt2exp.tracking.runs import tracking_uri
+from gpt2exp.tracking.runs import VARIANT_INDEX, tracking_uri
 
 T_975_DF2 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))  # Student t, 97.5% quantile, 2 degrees of freedom (closed form)
 SEEDS = [1, 2, 3]
@@ -354,3 +355,20 @@ def test_tokens_per_sec_of_a_trained_run(experiment: dict) -> None:
             k: max(client.get_metric_history(r.run_id, k), key=lambda m: m.step).value for k in ("tokens_seen", "train_seconds")
         }
         assert r.tokens_per_sec == pytest.approx(last["tokens_seen"] / last["train_seconds"], rel=1e-12) and r.tokens_per_sec > 0
+
+
+def test_variant_order_is_the_child_runs_tag_not_their_order(tmp_path: Path) -> None:
+    """Rows follow the ``gpt2exp.variant_index`` tag set when the runs were made (no spec.yaml is read); a variant
+    without it (a run made by hand) comes after, in the order its runs were made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("order")
+    parent = client.create_run(exp, run_name="order", start_time=1_000).info.run_id
+    for i, (variant, index) in enumerate([("zeta", "0"), ("hand", None), ("alpha", "2"), ("mid", "1")]):
+        tags = {"mlflow.parentRunId": parent, "gpt2exp.variant": variant, "gpt2exp.seed": "1"}
+        tags |= {VARIANT_INDEX: index} if index else {}
+        run = client.create_run(exp, start_time=2_000 + i, tags=tags, run_name=variant).info.run_id
+        client.log_batch(run, metrics=[Metric("val_loss", 3.0 + i, 2_100 + i, 1)])
+        client.set_terminated(run)
+    assert load_runs(uri, "order").variants == ["zeta", "mid", "alpha", "hand"]
+    assert list(comparison_table(load_runs(uri, "order")).variant) == ["zeta", "mid", "alpha", "hand"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -17,12 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-import logging
 
 import mlflow
 from mlflow import MlflowClient
@@ -47,6 +42,7 @@ METRICS = (
     "train_seconds",
 )
 IDS = "mlflow.json"
+VARIANT_INDEX = "gpt2exp.variant_index"  # a child run's variant's place in the spec: the report's row order
 for _name in ("mlflow.store.db.utils", "mlflow.system_metrics"):  # "Creating initial ... tables", "Started monitoring"
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -156,6 +152,7 @@ class ExperimentTracker:
             self.client = MlflowClient(self.uri)
             self.experiment_id = experiment_id(self.client, spec.tracking.experiment_name or spec.name, output)
         self.out_dir, self.spec = out_dir, spec
+        self.order = {v.name: i for i, v in enumerate(spec.expand())}
         self.tags = {"gpt2exp.experiment": spec.name, "gpt2exp.version": __version__, "host": platform.node()}
         if commit := _git_commit():
             self.tags["mlflow.source.git.commit"] = commit
@@ -184,6 +181,8 @@ class ExperimentTracker:
         """The child run of one variant and seed, with its params (flattened spec + derived facts)."""
         tags = self.tags | {"gpt2exp.variant": variant, "gpt2exp.seed": str(seed)}
         run_id = self._run(run_dir / IDS, f"{variant}/seed={seed}", tags, self.parent_id)
+        if variant in self.order:  # set on a rerun too: the spec may list its variants in a new order
+            self.client.set_tag(run_id, VARIANT_INDEX, str(self.order[variant]))
         if not self.client.get_run(run_id).data.params:
             params = flatten(spec.model_dump(mode="json", exclude={"variants", "grid"})) | {k: str(v) for k, v in facts.items()}
             items = [mlflow.entities.Param(k, v) for k, v in params.items()]
