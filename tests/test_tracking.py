@@ -30,7 +30,7 @@ from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
 from gpt2exp.tracking.dataset import dataset_input
 from gpt2exp.tracking.pyfunc import load_model
-from gpt2exp.tracking.runs import SAMPLING_ENV, RunLogger, RunRef, experiment_id, using
+from gpt2exp.tracking.runs import SAMPLING_ENV, ExperimentTracker, RunLogger, RunRef, experiment_id, using
 from gpt2exp.training.checkpoint import load_final
 
 pytestmark = pytest.mark.slow
@@ -120,6 +120,23 @@ def test_children_log_the_corpus_file_as_a_local_dataset(tracked: tuple[object, 
         assert dataset.name == corpus.name and dataset.digest == meta["key"][:24]  # the token cache folder's name
         assert json.loads(dataset.profile) == {"train_tokens": meta["n_train_tokens"]}
         assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
+
+
+def test_the_dataset_source_is_the_specs_path_not_the_first_tokenizer_of_that_text(corpus: Path, tmp_path: Path) -> None:
+    """The token cache is keyed by content: a copy of the corpus elsewhere reuses the tokens (and their meta.json,
+    which names the first path) but logs its own path."""
+    make_plan(validate_spec(tiny(corpus)), tmp_path / "first", show_progress=False)  # tokenized from corpus (or before)
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(corpus.read_bytes())
+    plan = make_plan(validate_spec(tiny(copy)), tmp_path / "out", show_progress=False)
+    meta = json.loads((Path(plan.jobs[0].train_tokens).parent / "meta.json").read_text())
+    assert meta["source"] != f"path:{copy}"  # the cached tokens name another path
+    tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
+    job = plan.jobs[0]
+    ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), {})
+    tracker.log_dataset(ref.run_id, meta["source"], meta["key"], meta["n_train_tokens"])
+    (used,) = tracker.client.get_run(ref.run_id).inputs.dataset_inputs
+    assert json.loads(used.dataset.source) == {"uri": str(copy)} and used.dataset.name == "copy.txt"
 
 
 def test_builtin_and_url_corpora_have_real_sources() -> None:

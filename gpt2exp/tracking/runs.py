@@ -172,6 +172,7 @@ class ExperimentTracker:
             self.experiment_id = experiment_id(self.client, name, output, spec.description)
         self.out_dir, self.spec = out_dir, spec
         self.order = {v.name: i for i, v in enumerate(spec.expand())}
+        self.data_sources: dict[str, str] = {}  # child run -> its spec's data source (see log_dataset)
         self.tags = {"gpt2exp.experiment": spec.name, "gpt2exp.version": __version__, "host": platform.node()}
         if commit := _git_commit():
             self.tags["mlflow.source.git.commit"] = commit
@@ -203,6 +204,7 @@ class ExperimentTracker:
         run_id = self._run(run_dir / IDS, f"{variant}/seed={seed}", tags, self.parent_id)
         if variant in self.order:  # set on a rerun too: the spec may list its variants in a new order
             self.client.set_tag(run_id, VARIANT_INDEX, str(self.order[variant]))
+        self.data_sources[run_id] = spec.data.source
         if not self.client.get_run(run_id).data.params:
             params = flatten(spec.model_dump(mode="json", exclude={"variants", "grid"})) | {k: str(v) for k, v in facts.items()}
             items = [mlflow.entities.Param(k, v) for k, v in params.items()]
@@ -212,10 +214,13 @@ class ExperimentTracker:
         return RunRef(self.uri, run_id, self.experiment_id)
 
     def log_dataset(self, run_id: str, source: str, key: str, n_tokens: int) -> None:
-        """The training corpus as the run's dataset input: ``source`` is the spec's ``kind:value`` (see
-        :func:`gpt2exp.tracking.dataset.dataset_input`), ``key`` its token cache key, ``n_tokens`` its training tokens."""
+        """The training corpus as the run's dataset input: ``source`` is a spec's ``kind:value`` (see
+        :func:`gpt2exp.tracking.dataset.dataset_input`), ``key`` its token cache key, ``n_tokens`` its training tokens.
+        A child run's own spec's source wins: the token cache is keyed by content, so the ``source`` its meta.json
+        holds is the path that first tokenized the same text, maybe another one."""
         from gpt2exp.tracking.dataset import dataset_input
 
+        source = self.data_sources.get(run_id, source)
         self.client.log_inputs(run_id, [dataset_input(source, key, n_tokens)])
         self.client.set_tag(run_id, "gpt2exp.dataset_tokens", str(n_tokens))
 
