@@ -25,7 +25,7 @@ from gpt2exp.launch.runner import run_plan
 from gpt2exp.report import ReportError, comparison_table, load_runs, per_run, render, rich_table, write_report
 from gpt2exp.report.render import to_html
 from gpt2exp.report.stats import holm, mdd
-from gpt2exp.report.table import display_frame, notes
+from gpt2exp.report.table import notes, summary_frame
 from gpt2exp.report.write import headline_metrics, metric_names
 from gpt2exp.spec import validate_spec
 from gpt2exp.tracking.runs import VARIANT_INDEX, tracking_uri, using
@@ -261,7 +261,7 @@ def test_report_files_logged_on_parent_run(experiment: dict) -> None:
 
 
 def test_parent_run_holds_the_table_and_the_headline_figures(experiment: dict) -> None:
-    """The table as an MLflow table (written twice: replaced, not appended to) and the table's numbers as metrics."""
+    """The table's headline as an MLflow table (written twice: replaced, not appended to) and its numbers as metrics."""
     runs = load_runs(experiment["uri"], "cmp")
     table = comparison_table(runs)
     for _ in range(2):
@@ -270,7 +270,8 @@ def test_parent_run_holds_the_table_and_the_headline_figures(experiment: dict) -
     exp_id = client.get_run(experiment["parent"]).info.experiment_id
     with using(experiment["uri"]):  # MlflowClient.load_table searches the runs through the global tracking URI
         logged = client.load_table(exp_id, "report/comparison.json", run_ids=[experiment["parent"]])
-    shown = display_frame(table)
+    shown = summary_frame(table)
+    assert list(shown.columns) == ["variant", "final val_loss", "Δ val_loss vs mha", "p Holm", "verdict"]
     assert list(logged.columns) == list(shown.columns) and logged.astype(str).values.tolist() == shown.values.tolist()
     tags = experiment["client"].get_run(experiment["parent"]).data.tags
     assert {"path": "report/comparison.json", "type": "table"} in json.loads(tags["mlflow.loggedArtifacts"])

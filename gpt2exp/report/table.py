@@ -6,7 +6,7 @@ difference to the baseline is paired over the seeds both variants ran: paired t-
 adjustment over all variants compared, the minimal detectable difference (80% power) and a verdict,
 ``better`` / ``worse`` when the adjusted p-value is below 5% (family-wise), else ``no clear difference``
 (see :mod:`gpt2exp.report.stats`). With one seed per variant no verdict is possible: the table says so
-and how to add seeds. :func:`display_frame` and :func:`notes` are the table as people read it."""
+and how to add seeds. :func:`display_frame`, :func:`summary_frame` and :func:`notes` are the table as people read it."""
 
 from __future__ import annotations
 
@@ -169,6 +169,16 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
         out["mdd"] = [_num(v, digits) for v in table.mdd]
     out["verdict"] = table.verdict
     return out
+
+
+def summary_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The headline of :func:`display_frame`: variant, final metric, Δ to the baseline, p Holm (several seeds) and
+    verdict. Five columns at most: what MLflow's table view (150 px a column) shows whole beside its file tree
+    in a 1400 px window; the full table is in the report's Markdown and HTML."""
+    a = table.attrs
+    shown = display_frame(table)
+    columns = ["variant", f"final {a['metric']}", f"Δ {a['metric']} vs {a['baseline']}", "p Holm", "verdict"]
+    return shown[[c for c in columns if c in shown.columns]]
 
 
 def notes(table: pd.DataFrame) -> list[str]:

@@ -1,6 +1,6 @@
 """The report of a comparison: its files (``report.md``, ``report.html``, ``<metric>.png``) and what goes on
-the parent run in MLflow: those files, the table as an MLflow table (``report/comparison.json``, shown as a
-table in the UI, read back by ``mlflow.load_table``) and the headline figures as metrics per variant."""
+the parent run in MLflow: those files, the table's headline as an MLflow table (``report/comparison.json``,
+shown as a table in the UI, read back by ``MlflowClient.load_table``) and its figures as metrics per variant."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mlflow.entities import Metric
 
 from gpt2exp.report.render import render, to_html
 from gpt2exp.report.runs import Runs
-from gpt2exp.report.table import display_frame
+from gpt2exp.report.table import summary_frame
 
 ARTIFACTS = "report"
 TABLE = "comparison.json"
@@ -58,11 +58,11 @@ def report_files(runs: Runs, folder: Path, table: pd.DataFrame) -> dict[str, Pat
 def log_report(
     client: MlflowClient, run_id: str, table: pd.DataFrame, paths: dict[str, Path], artifact_path: str = ARTIFACTS
 ) -> None:
-    """Put the report on ``run_id``: the files under ``artifact_path``, the table as people read it
-    (:func:`display_frame`) as ``<artifact_path>/comparison.json`` and :func:`headline_metrics` at step 0."""
+    """Put the report on ``run_id``: the files under ``artifact_path``, the table's headline as people read it
+    (:func:`summary_frame`) as ``<artifact_path>/comparison.json`` and :func:`headline_metrics` at step 0."""
     for path in paths.values():
         client.log_artifact(run_id, str(path), artifact_path)
-    log_table(client, run_id, display_frame(table), f"{artifact_path}/{TABLE}")
+    log_table(client, run_id, summary_frame(table), f"{artifact_path}/{TABLE}")
     now = int(time.time() * 1000)
     metrics = [Metric(key, value, now, 0) for key, value in headline_metrics(table).items()]
     for i in range(0, len(metrics), MAX_BATCH):

@@ -4,7 +4,8 @@ runner, loopback only), started as a child process group and stopped cleanly.
 ``serve_ui`` is what ``gpt2exp ui`` runs (foreground, Ctrl-C stops it); ``mlflow_server`` is a context
 manager that tests and scripts use to get a real server on a free port. The headless-Chromium helpers
 (``find_chromium``, ``dump_dom``, ``screenshot``) drive Debian's ``chromium`` from the command line to
-check what the UI actually renders (it is a React app: the DOM is built after the page loads).
+check what the UI actually renders (it is a React app: the DOM is built after the page loads); ``Browser``
+drives one tab over the DevTools protocol to measure the layout. ``ui_url`` links into the model-training view.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.tracking.store import check_store
@@ -81,6 +83,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 def base_url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
+
+
+def ui_url(base: str, experiment_id: str | None = None, path: str = "") -> str:
+    """A page of the MLflow UI at ``base`` in its model-training view: MLflow 3.17's UI picks its view from a
+    switch kept in the browser (the GenAI view in a fresh browser) or this URL parameter, not from the
+    experiment's ``mlflow.experimentKind`` tag. ``path``: e.g. ``/runs``, ``/runs/<id>/artifacts/<file>``."""
+    page = f"/experiments/{experiment_id}{path}" if experiment_id is not None else "/experiments"
+    return f"{base}/#{page}?workflowType=machine_learning"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -222,13 +232,13 @@ def serve_ui(
     try:
         server = _Server(store_uri, artifacts, host, port)
         server.wait_ready()
-        print(f"MLflow UI: {server.url}  (store {store_uri}; Ctrl-C to stop)", flush=True)
+        print(f"MLflow UI: {ui_url(server.url)}  (store {store_uri}; Ctrl-C to stop)", flush=True)
         if host not in ("127.0.0.1", "localhost", "::1"):
             print(f"note: listening on {host}; MLflow refuses Host headers other than local/private addresses", flush=True)
         if open_browser:
             import webbrowser
 
-            webbrowser.open(server.url)
+            webbrowser.open(ui_url(server.url))
         while server.proc.poll() is None:
             time.sleep(0.5)
         raise server.failure(f"mlflow server stopped unexpectedly with code {server.proc.returncode}")
@@ -303,3 +313,121 @@ def screenshot(url: str, path: Path, size: tuple[int, int] = (1400, 900), budget
     if not path.is_file():
         raise UIError(f"chromium --screenshot {url} wrote nothing (code {result.returncode}): {result.stderr.strip()[-800:]}")
     return path
+
+
+# Chromium's --remote-debugging-pipe reads fd 3 and writes fd 4: a small exec wrapper puts the pipes there (sh
+# cannot name descriptors above 9, and a preexec_fn is unsafe with threads)
+PIPES_ON_3_AND_4 = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
+def _above(fd: int, low: int) -> int:
+    """``fd`` moved to a number of at least ``low``."""
+    import fcntl
+
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, low)
+    os.close(fd)
+    return moved
+
+
+class Browser:
+    """A headless Chromium tab driven over the DevTools protocol through a pipe (``--remote-debugging-pipe``:
+    no port, no websocket library): load a page, wait for what the React app renders, measure it with
+    JavaScript. A context manager; ``size`` is the viewport in CSS pixels."""
+
+    def __init__(self, size: tuple[int, int] = (1400, 900), timeout: float = 60.0) -> None:
+        exe = find_chromium()
+        if exe is None:
+            raise UIError("no Chromium found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)")
+        self.timeout, self.size, self._id, self._buffer = timeout, size, 0, b""
+        self._profile = tempfile.TemporaryDirectory(prefix="gpt2exp-chromium-")
+        to_chrome, self._out = os.pipe()  # Chromium reads commands on its fd 3 and writes answers on its fd 4
+        self._in, from_chrome = os.pipe()
+        to_chrome, from_chrome = _above(to_chrome, 10), _above(from_chrome, 10)  # neither is 3 or 4: no clash when moved
+        flags = [*CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}", "--remote-debugging-pipe", "about:blank"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PIPES_ON_3_AND_4, str(to_chrome), str(from_chrome), exe, *flags],
+            pass_fds=(to_chrome, from_chrome),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.close(to_chrome)
+        os.close(from_chrome)
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+
+    def send(self, method: str, **params: Any) -> dict:
+        """One DevTools command (to the page once attached); its result. Events that come before it are dropped."""
+        import json
+        import select
+
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if getattr(self, "session", None):
+            message["sessionId"] = self.session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                answer = json.loads(raw)
+                if answer.get("id") == self._id:
+                    if "error" in answer:
+                        raise UIError(f"chromium {method}: {answer['error'].get('message')}")
+                    return answer.get("result", {})
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._in], [], [], left)[0]:
+                raise UIError(f"chromium did not answer {method} within {self.timeout:.0f} s")
+            chunk = os.read(self._in, 1 << 20)
+            if not chunk:
+                raise UIError(f"chromium exited (code {self.proc.poll()}) during {method}")
+            self._buffer += chunk
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises awaited, results as JSON values)."""
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise UIError(f"javascript error: {result['exceptionDetails'].get('text')} in {expression[:200]!r}")
+        return result["result"].get("value")
+
+    def goto(self, url: str, until: str = "true", timeout: float = 60.0) -> None:
+        """Load ``url``, then wait until the JavaScript condition ``until`` holds (the app renders after the load)."""
+        self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(f"document.readyState === 'complete' && Boolean({until})"):
+            if time.monotonic() > deadline:
+                raise UIError(f"{url}: {until!r} did not hold within {timeout:.0f} s")
+            time.sleep(0.25)
+
+    def screenshot(self, path: Path) -> Path:
+        """A PNG of the viewport."""
+        import base64
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        for fd in (self._in, self._out):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._profile.cleanup()
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
