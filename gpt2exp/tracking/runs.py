@@ -43,8 +43,9 @@ METRICS = (
     "train_seconds",
 )
 IDS = "mlflow.json"
-# Without this experiment tag MLflow's UI guesses the experiment's kind, and it guessed the GenAI view (traces,
-# evaluations) for gpt2exp's; "custom_model_development" is its model-training view (runs, metrics, models).
+# MLflow's record of what an experiment is: "custom_model_development" is model training (runs, metrics, models),
+# as opposed to GenAI (traces, evaluations). MLflow 3.17's UI takes its view from a switch kept in the browser
+# instead (see gpt2exp.tracking.ui.ui_url); the tag is for the MLflow versions and tools that read it.
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE = "mlflow.note.content"  # the description MLflow's UI shows on an experiment's or run's page
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow samples every 10 s by default: too few points for short runs
