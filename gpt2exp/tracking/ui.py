@@ -341,6 +341,7 @@ class Browser:
         if exe is None:
             raise UIError("no Chromium found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)")
         self.timeout, self.size, self._id, self._buffer = timeout, size, 0, b""
+        self.session: str | None = None  # the tab's DevTools session, once attached
         self._profile = tempfile.TemporaryDirectory(prefix="gpt2exp-chromium-")
         to_chrome, self._out = os.pipe()  # Chromium reads commands on its fd 3 and writes answers on its fd 4
         self._in, from_chrome = os.pipe()
@@ -356,9 +357,13 @@ class Browser:
         )
         os.close(to_chrome)
         os.close(from_chrome)
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.send("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+        try:
+            target = self.send("Target.createTarget", url="about:blank")["targetId"]
+            self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            self.send("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+        except BaseException:
+            self.close()  # no Chromium left behind
+            raise
 
     def send(self, method: str, **params: Any) -> dict:
         """One DevTools command (to the page once attached); its result. Events that come before it are dropped."""
@@ -367,9 +372,12 @@ class Browser:
 
         self._id += 1
         message = {"id": self._id, "method": method, "params": params}
-        if getattr(self, "session", None):
+        if self.session:
             message["sessionId"] = self.session
-        os.write(self._out, json.dumps(message).encode() + b"\0")
+        try:
+            os.write(self._out, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:
+            raise UIError(f"chromium exited (code {self.proc.poll()}) before {method}") from None
         deadline = time.monotonic() + self.timeout
         while True:
             while b"\0" in self._buffer:
