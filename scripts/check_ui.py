@@ -24,7 +24,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from gpt2exp.tracking.ui import UIError, dump_dom, find_chromium, mlflow_server, screenshot
+from gpt2exp.tracking.browser import dump_dom, find_chromium, screenshot
+from gpt2exp.tracking.ui import UIError, mlflow_server
 
 
 def api(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:

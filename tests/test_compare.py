@@ -23,11 +23,13 @@ from scipy import stats
 from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import run_plan
 from gpt2exp.launch.status import read_status
-from gpt2exp.report import ReportError, comparison_table, load_runs, render, rich_table, write_report
-from gpt2exp.report.compare import notes, per_run, to_html
+from gpt2exp.report import ReportError, comparison_table, load_runs, per_run, render, rich_table, write_report
+from gpt2exp.report.render import to_html
 from gpt2exp.report.stats import holm, mdd
+from gpt2exp.report.table import notes, summary_frame
+from gpt2exp.report.write import headline_metrics, metric_names
 from gpt2exp.spec import validate_spec
-from gpt2exp.tracking.runs import tracking_uri
+from gpt2exp.tracking.runs import VARIANT_INDEX, tracking_uri, using
 
 T_975_DF2 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))  # Student t, 97.5% quantile, 2 degrees of freedom (closed form)
 SEEDS = [1, 2, 3]
@@ -256,7 +258,34 @@ def test_report_files_logged_on_parent_run(experiment: dict) -> None:
     md = paths["markdown"].read_text()
     assert "| variant |" in md and "![val_loss curves](val_loss.png)" in md
     logged = {Path(a.path).name for a in experiment["client"].list_artifacts(experiment["parent"], "report")}
-    assert logged == {"report.md", "report.html", "val_loss.png"}
+    assert logged == {"report.md", "report.html", "val_loss.png", "comparison.json"}
+
+
+def test_parent_run_holds_the_table_and_the_headline_figures(experiment: dict) -> None:
+    """The table's headline as an MLflow table (written twice: replaced, not appended to) and its numbers as metrics."""
+    runs = load_runs(experiment["uri"], "cmp")
+    table = comparison_table(runs)
+    for _ in range(2):
+        write_report(runs, table, experiment["tmp"] / "report_twice")
+    client = experiment["client"]
+    exp_id = client.get_run(experiment["parent"]).info.experiment_id
+    with using(experiment["uri"]):  # MlflowClient.load_table searches the runs through the global tracking URI
+        logged = client.load_table(exp_id, "report/comparison.json", run_ids=[experiment["parent"]])
+    shown = summary_frame(table)
+    assert list(shown.columns) == ["variant", "final val_loss", "Δ val_loss vs mha", "p Holm", "verdict"]
+    assert list(logged.columns) == list(shown.columns) and logged.astype(str).values.tolist() == shown.values.tolist()
+    tags = experiment["client"].get_run(experiment["parent"]).data.tags
+    assert {"path": "report/comparison.json", "type": "table"} in json.loads(tags["mlflow.loggedArtifacts"])
+
+    metrics = experiment["client"].get_run(experiment["parent"]).data.metrics
+    rows = table.set_index("variant")
+    for variant in ("mha", "mqa"):
+        assert metrics[f"val_loss_mean/{variant}"] == rows.loc[variant, "final_val_loss"]
+        assert metrics[f"delta_val_loss/{variant}"] == rows.loc[variant, "delta"]
+    assert metrics["delta_val_loss_ci95/mqa"] == rows.loc["mqa", "delta_ci95"]
+    assert metrics["p_holm/mqa"] == rows.loc["mqa", "p_adjusted"]
+    assert "p_holm/mha" not in metrics and "delta_val_loss_ci95/mha" not in metrics  # the baseline's NaNs
+    assert headline_metrics(table) == {k: v for k, v in metrics.items() if "/" in k}
 
 
 def test_errors(experiment: dict, tmp_path: Path) -> None:
@@ -355,3 +384,31 @@ def test_tokens_per_sec_of_a_trained_run(experiment: dict) -> None:
             k: max(client.get_metric_history(r.run_id, k), key=lambda m: m.step).value for k in ("tokens_seen", "train_seconds")
         }
         assert r.tokens_per_sec == pytest.approx(last["tokens_seen"] / last["train_seconds"], rel=1e-12) and r.tokens_per_sec > 0
+
+
+def test_variant_order_is_the_child_runs_tag_not_their_order(tmp_path: Path) -> None:
+    """Rows follow the ``gpt2exp.variant_index`` tag set when the runs were made (no spec.yaml is read); a variant
+    without it (a run made by hand) comes after, in the order its runs were made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("order")
+    parent = client.create_run(exp, run_name="order", start_time=1_000).info.run_id
+    for i, (variant, index) in enumerate([("zeta", "0"), ("hand", None), ("alpha", "2"), ("mid", "1")]):
+        tags = {"mlflow.parentRunId": parent, "gpt2exp.variant": variant, "gpt2exp.seed": "1"}
+        tags |= {VARIANT_INDEX: index} if index else {}
+        run = client.create_run(exp, start_time=2_000 + i, tags=tags, run_name=variant).info.run_id
+        client.log_batch(run, metrics=[Metric("val_loss", 3.0 + i, 2_100 + i, 1)])
+        client.set_terminated(run)
+    assert load_runs(uri, "order").variants == ["zeta", "mid", "alpha", "hand"]
+    assert list(comparison_table(load_runs(uri, "order")).variant) == ["zeta", "mid", "alpha", "hand"]
+
+
+def test_metric_names_are_valid_and_distinct_mlflow_keys(tmp_path: Path) -> None:
+    """Grid variant names hold characters MLflow refuses in keys; made valid, they stay one key per variant."""
+    variants = ["mqa+lr=0.001,wd=0.1", "mqa+lr=0.001_wd=0.1", "mqa_lr_0.001_wd_0.1", "exp/a", "x//y", "a:b"]
+    names = metric_names(variants)
+    assert names[0] == "mqa_lr_0.001_wd_0.1" and len(set(names)) == len(names) and names[3] == "exp/a"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("keys")).info.run_id
+    client.log_batch(run, metrics=[Metric(f"delta_val_loss/{n}", 1.0, 0, 0) for n in names])  # MLflow refuses an invalid key
+    assert len(client.get_run(run).data.metrics) == len(variants)

@@ -28,8 +28,9 @@ from gpt2exp.data.tokenizer import EOT, get_tokenizer
 from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
+from gpt2exp.tracking.dataset import dataset_input
 from gpt2exp.tracking.pyfunc import load_model
-from gpt2exp.tracking.runs import using
+from gpt2exp.tracking.runs import SAMPLING_ENV, ExperimentTracker, RunLogger, RunRef, experiment_id, using
 from gpt2exp.training.checkpoint import load_final
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.slow
 def tiny(corpus: Path, **tracking: object) -> dict:
     return {
         "name": "trk",
+        "description": "MHA against MQA on the first 200 KB of Shakespeare",
         "data": {"path": str(corpus)},
         "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
         "train": {"max_steps": 8, "batch_size": 4, "lr": 2e-2, "eval_interval": 4, "eval_tokens": 256, "log_interval": 2},
@@ -83,6 +85,107 @@ def test_parent_and_one_child_per_variant_with_params(tracked: tuple[object, Mlf
         assert run.data.params["train.max_steps"] == "8" and int(run.data.params["n_params"]) > 1_600_000
         assert run.info.status == "FINISHED" and run.inputs.dataset_inputs
         assert "spec.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_experiment_opens_in_the_training_view_with_the_spec_description(tracked: tuple[object, MlflowClient]) -> None:
+    plan, client = tracked
+    exp = client.get_experiment_by_name("trk")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view the UI would guess
+    assert exp.tags["mlflow.note.content"] == plan.spec.description
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["mlflow.note.content"] == plan.spec.description
+    assert {r.data.tags["gpt2exp.variant"]: r.data.tags["gpt2exp.variant_index"] for r in children(plan, client).values()} == {
+        "mha": "0",
+        "mqa": "1",
+    }
+
+
+def test_an_existing_experiment_keeps_a_kind_and_note_set_in_the_ui(tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("mine", tags={"mlflow.note.content": "my words"})
+    assert experiment_id(client, "mine", tmp_path, "the spec's words") == exp
+    tags = client.get_experiment(exp).tags
+    assert tags["mlflow.note.content"] == "my words" and tags["mlflow.experimentKind"] == "custom_model_development"
+    new = experiment_id(client, "new", tmp_path)  # no description: no note
+    assert "mlflow.note.content" not in client.get_experiment(new).tags
+
+
+def test_children_log_the_corpus_file_as_a_local_dataset(tracked: tuple[object, MlflowClient], corpus: Path) -> None:
+    plan, client = tracked
+    meta = json.loads((Path(plan.jobs[0].train_tokens).parent / "meta.json").read_text())
+    for run in children(plan, client).values():
+        (used,) = run.inputs.dataset_inputs
+        dataset = used.dataset
+        assert dataset.source_type == "local" and json.loads(dataset.source) == {"uri": str(corpus.absolute())}
+        assert dataset.name == corpus.name and dataset.digest == meta["key"][:24]  # the token cache folder's name
+        assert json.loads(dataset.profile) == {"train_tokens": meta["n_train_tokens"]}
+        assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
+
+
+def test_the_dataset_source_is_the_specs_path_not_the_first_tokenizer_of_that_text(corpus: Path, tmp_path: Path) -> None:
+    """The token cache is keyed by content: a copy of the corpus elsewhere reuses the tokens (and their meta.json,
+    which names the first path) but logs its own path."""
+    make_plan(validate_spec(tiny(corpus)), tmp_path / "first", show_progress=False)  # tokenized from corpus (or before)
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(corpus.read_bytes())
+    plan = make_plan(validate_spec(tiny(copy)), tmp_path / "out", show_progress=False)
+    meta = json.loads((Path(plan.jobs[0].train_tokens).parent / "meta.json").read_text())
+    assert meta["source"] != f"path:{copy}"  # the cached tokens name another path
+    tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
+    job = plan.jobs[0]
+    ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), {})
+    tracker.log_dataset(ref.run_id, meta["source"], meta["key"], meta["n_train_tokens"])
+    (used,) = tracker.client.get_run(ref.run_id).inputs.dataset_inputs
+    assert json.loads(used.dataset.source) == {"uri": str(copy)} and used.dataset.name == "copy.txt"
+
+
+def test_builtin_and_url_corpora_have_real_sources() -> None:
+    from gpt2exp.data.sources import builtin_files
+
+    builtin = dataset_input("builtin:shakespeare", "ab" * 32, 10).dataset
+    folder = Path(json.loads(builtin.source)["uri"])
+    assert builtin.source_type == "local" and folder.is_dir() and set(builtin_files("shakespeare")) <= set(folder.rglob("*"))
+    url = dataset_input("url:https://example.org/texts/tiny.txt", "cd" * 32, 10).dataset
+    assert (url.source_type, json.loads(url.source), url.name) == (
+        "http",
+        {"url": "https://example.org/texts/tiny.txt"},
+        "tiny.txt",
+    )
+
+
+def test_run_logger_samples_system_metrics_with_mlflows_public_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start_run(log_system_metrics=True)`` on the child run: sampled while the logger is open, stopped at close,
+    which ends the run as ``with mlflow.start_run()`` would (FAILED when closed by an error)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sm")
+    monkeypatch.delenv(SAMPLING_ENV, raising=False)
+    quick = RunLogger(RunRef(uri, client.create_run(exp).info.run_id, exp), system_metrics=True)
+    assert SAMPLING_ENV not in os.environ  # gpt2exp's 5 s applied to that run only
+    quick.close()
+
+    monkeypatch.setenv(SAMPLING_ENV, "0.2")  # a user's own interval wins
+    run = client.create_run(exp).info.run_id
+    logger = RunLogger(RunRef(uri, run, exp), system_metrics=True)
+    assert mlflow.active_run().info.run_id == run
+    deadline = time.monotonic() + 30
+    while not any(k.startswith("system/") for k in client.get_run(run).data.metrics) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logger.close()
+    assert mlflow.active_run() is None and client.get_run(run).info.status == "FINISHED"
+    sampled = client.get_run(run).data.metrics
+    assert "system/cpu_utilization_percentage" in sampled, sampled
+    time.sleep(0.6)
+    assert client.get_run(run).data.metrics == sampled  # stopped
+
+    failed = client.create_run(exp).info.run_id
+    with pytest.raises(ValueError):
+        logger = RunLogger(RunRef(uri, failed, exp), system_metrics=False)
+        try:
+            raise ValueError("a training error")
+        finally:
+            logger.close()
+    assert client.get_run(failed).info.status == "FAILED" and not client.get_run(failed).data.metrics
 
 
 def test_metric_histories_match_the_run_records(tracked: tuple[object, MlflowClient]) -> None:

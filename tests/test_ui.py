@@ -1,6 +1,7 @@
 """``gpt2exp ui``: a real ``mlflow server`` over a real experiment's store (parent run, two child runs, the
 comparison report under ``report/`` on the parent), checked through the REST API and in headless Chromium (Debian's
-``chromium``: the browser tests skip without it), and a clean stop on SIGINT."""
+``chromium``: the browser tests skip without it), and a clean stop on SIGINT. In a 1400 px wide window the
+model-training view shows the run hierarchy, the logged comparison table and the plot without sideways scrolling."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import pytest
 from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import run_plan
 from gpt2exp.spec import validate_spec
-from gpt2exp.tracking.ui import UIError, dump_dom, find_chromium, free_port, mlflow_server, port_is_free, screenshot, serve_ui
+from gpt2exp.tracking.browser import Browser, dump_dom, find_chromium, screenshot
+from gpt2exp.tracking.ui import UIError, free_port, mlflow_server, port_is_free, serve_ui, ui_url
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +36,7 @@ needs_chromium = pytest.mark.skipif(
 
 RAW = {
     "name": "uitest",
+    "description": "Two attention variants on a Shakespeare sample",
     "data": {"path": "CORPUS"},
     "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
     "train": {"max_steps": 4, "batch_size": 4, "eval_interval": 2, "eval_tokens": 128, "log_interval": 2},
@@ -41,8 +44,10 @@ RAW = {
     "tracking": {"system_metrics": False},
 }
 CHILDREN = {"a/seed=1337", "b/seed=1337"}
-REPORT = {"report/report.html", "report/report.md", "report/val_loss.png"}
-PLOT = "report/val_loss.png"
+REPORT = {"report/report.html", "report/report.md", "report/val_loss.png", "report/comparison.json"}
+PLOT, TABLE = "report/val_loss.png", "report/comparison.json"
+VIEWPORT = (1400, 900)
+GENAI_ONLY = ("Evaluation", "Judges", "Sessions", "Prompts", "Observability")  # the GenAI view's tabs ("Traces": both views)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,11 @@ def test_rest_api_shows_parent_children_and_report(server: str, store: dict) -> 
         assert by_name[name]["info"]["status"] == "FINISHED"
         assert any(m["key"] == "val_loss" for m in by_name[name]["data"]["metrics"])
 
+    experiment = get_json(f"{server}/api/2.0/mlflow/experiments/get?experiment_id={store['experiment_id']}")["experiment"]
+    experiment_tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment_tags["mlflow.note.content"] == RAW["description"]
+
     q = urllib.parse.urlencode({"run_id": store["parent_id"], "path": "report"})
     files = get_json(f"{server}/api/2.0/mlflow/artifacts/list?{q}")["files"]
     assert {f["path"] for f in files} >= REPORT
@@ -127,7 +137,15 @@ def page_text(dom: str) -> str:
 
 def page(server: str, experiment_id: str, path: str = "") -> str:
     """A UI page, in the "Model training" view (a fresh browser profile opens the GenAI view)."""
-    return f"{server}/#/experiments/{experiment_id}{path}?workflowType=machine_learning"
+    return ui_url(server, experiment_id, path)
+
+
+@needs_chromium
+def test_browser_experiment_opens_in_the_training_view(server: str, store: dict) -> None:
+    text = page_text(dump_dom(page(server, store["experiment_id"])))
+    assert "Runs" in text and "Models" in text and RAW["description"] in text, text[:2000]
+    shown = [tab for tab in GENAI_ONLY if re.search(rf"\b{tab}\b", text)]
+    assert not shown, f"GenAI tabs on the experiment page: {shown}"
 
 
 @needs_chromium
@@ -166,6 +184,66 @@ def test_browser_parent_run_shows_report_and_plot(server: str, store: dict, tmp_
         "the HTML report was not rendered"
     )
     assert screenshot(url, tmp_path / "report.png").stat().st_size > 20_000
+
+
+# JavaScript run in the page: the elements that scroll sideways (form fields aside), and whether an element lies
+# within the window's width
+SIDEWAYS = """[...document.querySelectorAll('*')].filter(e => !['INPUT', 'TEXTAREA'].includes(e.tagName)
+    && e.scrollWidth > e.clientWidth + 1 && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX))
+    .map(e => `${e.tagName}.${e.className} ${e.scrollWidth} > ${e.clientWidth}`)
+    .concat(document.documentElement.scrollWidth > innerWidth ? ['the page'] : [])"""
+INSIDE = "(e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.left >= 0 && r.right <= innerWidth; })"
+
+
+@pytest.fixture(scope="module")
+def browser(server: str) -> Browser:
+    """One 1400x900 tab; the MLflow assistant panel, which MLflow opens once in a new browser, stays closed as a
+    user closes it (it would take a third of the width)."""
+    with Browser(VIEWPORT) as tab:
+        tab.goto(f"{server}/health", "document.body.innerText.length > 0")  # the UI's origin, without the app
+        tab.evaluate("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
+        yield tab
+
+
+def show(browser: Browser, url: str, until: str) -> None:
+    browser.goto("about:blank")  # a full load: a change of the URL's #fragment alone keeps the page as it was
+    browser.goto(url, until)
+
+
+@needs_chromium
+def test_browser_run_hierarchy_fits_1400_px(browser: Browser, server: str, store: dict, tmp_path: Path) -> None:
+    row = "[...document.querySelectorAll('[role=row]')].find(r => r.innerText.includes('uitest'))"
+    show(browser, page(server, store["experiment_id"], "/runs"), row)
+    browser.evaluate(f"{row}.querySelector('button').click()")  # expand the parent: its children under it
+    names = f"[...document.querySelectorAll('[role=row] a')].filter(a => {sorted({'uitest'} | CHILDREN)}.includes(a.innerText.trim()))"
+    deadline = time.monotonic() + 60
+    while browser.evaluate(f"{names}.length") < 3 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    browser.screenshot(tmp_path / "hierarchy.png")
+    assert browser.evaluate(f"{names}.filter({INSIDE}).map(a => a.innerText.trim()).sort()") == sorted({"uitest"} | CHILDREN)
+    assert browser.evaluate(SIDEWAYS) == []
+
+
+@needs_chromium
+def test_browser_logged_table_fits_1400_px(browser: Browser, server: str, store: dict, tmp_path: Path) -> None:
+    headers = "[...document.querySelectorAll('[role=columnheader], th')]"
+    show(browser, page(server, store["experiment_id"], f"/runs/{store['parent_id']}/artifacts/{TABLE}"), f"{headers}.length")
+    browser.screenshot(tmp_path / "table.png")
+    shown = browser.evaluate(f"{headers}.filter({INSIDE}).map(h => h.innerText.trim())")
+    assert shown == ["variant", "final val_loss", "Δ val_loss vs a", "verdict"], shown  # one seed: no p Holm
+    cells = browser.evaluate("[...document.querySelectorAll('[role=cell], td')].map(c => c.innerText.trim())")
+    assert {"a", "b", "baseline", "too few seeds"} <= set(cells), cells
+    assert browser.evaluate(SIDEWAYS) == []
+
+
+@needs_chromium
+def test_browser_plot_fits_1400_px(browser: Browser, server: str, store: dict, tmp_path: Path) -> None:
+    image = f'document.querySelector(\'img[alt="{PLOT}"][src^="blob:"]\')'
+    show(browser, page(server, store["experiment_id"], f"/runs/{store['parent_id']}/artifacts/{PLOT}"), f"{image}?.complete")
+    browser.screenshot(tmp_path / "plot.png")
+    assert browser.evaluate(f"{image}.naturalWidth") > 1000 and browser.evaluate(f"{INSIDE}({image})")
+    assert browser.evaluate(f"{image}.getBoundingClientRect().top") < VIEWPORT[1] / 2  # no scrolling down to it either
+    assert browser.evaluate(SIDEWAYS) == []
 
 
 def _read_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:

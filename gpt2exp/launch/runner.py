@@ -255,7 +255,8 @@ def track(plan: Plan) -> ExperimentTracker:
         facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
         ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts)
         data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
-        tracker.log_dataset(ref.run_id, data["source"], data.get("key", ""), int(data["n_train_tokens"]))
+        # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it
+        tracker.log_dataset(ref.run_id, job.spec.data.source, data.get("key", ""), int(data["n_train_tokens"]))
         jobs.append(replace(job, tracking=ref))
     plan.jobs = jobs
     return tracker

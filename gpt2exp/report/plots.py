@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
-from gpt2exp.report.compare import Runs
+from gpt2exp.report.runs import Runs
 
 
 def variant_curves(runs: Runs, metric: str, finished_only: bool = True) -> pd.DataFrame:

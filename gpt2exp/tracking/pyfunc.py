@@ -16,7 +16,6 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-import gpt2exp.tracking.runs  # noqa: F401  MLflow's environment defaults: no telemetry, no progress bars
 from gpt2exp.model import GPT
 from gpt2exp.training.checkpoint import MODEL_SPEC, WEIGHTS, load_final
 

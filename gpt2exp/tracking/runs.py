@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-import logging
 
 import mlflow
 from mlflow import MlflowClient
@@ -47,6 +43,14 @@ METRICS = (
     "train_seconds",
 )
 IDS = "mlflow.json"
+# MLflow's record of what an experiment is: "custom_model_development" is model training (runs, metrics, models),
+# as opposed to GenAI (traces, evaluations). MLflow 3.17's UI takes its view from a switch kept in the browser
+# instead (see gpt2exp.tracking.ui.ui_url); the tag is for the MLflow versions and tools that read it.
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE = "mlflow.note.content"  # the description MLflow's UI shows on an experiment's or run's page
+SYSTEM_METRICS_INTERVAL_S = 5  # MLflow samples every 10 s by default: too few points for short runs
+SAMPLING_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+VARIANT_INDEX = "gpt2exp.variant_index"  # a child run's variant's place in the spec: the report's row order
 for _name in ("mlflow.store.db.utils", "mlflow.system_metrics"):  # "Creating initial ... tables", "Started monitoring"
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -91,13 +95,24 @@ def store_lock(uri: str) -> contextlib.AbstractContextManager[None]:
     return exclusive(db.with_name(f".{db.name}.lock"), wait=True)
 
 
-def experiment_id(client: MlflowClient, name: str, output: str | Path) -> str:
-    """The MLflow experiment ``name``, created if new (with a SQLite store, artifacts go to ``<output>/mlartifacts``)."""
+def experiment_tags(description: str = "") -> dict[str, str]:
+    """The experiment tags gpt2exp sets: the UI's model-training view, and the spec's description as its note."""
+    return {EXPERIMENT_KIND: TRAINING_KIND} | ({NOTE: description} if description else {})
+
+
+def experiment_id(client: MlflowClient, name: str, output: str | Path, description: str = "") -> str:
+    """The MLflow experiment ``name``, created if new (with a SQLite store, artifacts go to ``<output>/mlartifacts``),
+    with :func:`experiment_tags`. An existing experiment gets only the tags it lacks: a kind or note set in the UI stays."""
+    tags = experiment_tags(description)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in tags.items():
+            if key not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     local = client.tracking_uri.startswith("sqlite:")
-    return client.create_experiment(name, artifact_location=(Path(output).resolve() / "mlartifacts").as_uri() if local else None)
+    location = (Path(output).resolve() / "mlartifacts").as_uri() if local else None
+    return client.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def register(uri: str, run_id: str, name: str, alias: str = "best") -> str:
@@ -145,12 +160,15 @@ class ExperimentTracker:
         self.uri = tracking_uri(spec, output)
         with store_lock(self.uri):  # made here, before any worker, and by one driver at a time
             self.client = MlflowClient(self.uri)
-            self.experiment_id = experiment_id(self.client, spec.tracking.experiment_name or spec.name, output)
+            name = spec.tracking.experiment_name or spec.name
+            self.experiment_id = experiment_id(self.client, name, output, spec.description)
         self.out_dir, self.spec = out_dir, spec
+        self.order = {v.name: i for i, v in enumerate(spec.expand())}
         self.tags = {"gpt2exp.experiment": spec.name, "gpt2exp.version": __version__, "host": platform.node()}
         if commit := _git_commit():
             self.tags["mlflow.source.git.commit"] = commit
-        self.parent_id = self._run(out_dir / IDS, spec.name, self.tags, None)
+        note = {NOTE: spec.description} if spec.description else {}
+        self.parent_id = self._run(out_dir / IDS, spec.name, self.tags | note, None)
         self.client.log_dict(self.parent_id, spec.model_dump(mode="json"), "spec.yaml")
 
     def _run(self, ids_file: Path, name: str, tags: dict[str, str], parent: str | None) -> str:
@@ -175,6 +193,8 @@ class ExperimentTracker:
         """The child run of one variant and seed, with its params (flattened spec + derived facts)."""
         tags = self.tags | {"gpt2exp.variant": variant, "gpt2exp.seed": str(seed)}
         run_id = self._run(run_dir / IDS, f"{variant}/seed={seed}", tags, self.parent_id)
+        if variant in self.order:  # set on a rerun too: the spec may list its variants in a new order
+            self.client.set_tag(run_id, VARIANT_INDEX, str(self.order[variant]))
         if not self.client.get_run(run_id).data.params:
             params = flatten(spec.model_dump(mode="json", exclude={"variants", "grid"})) | {k: str(v) for k, v in facts.items()}
             items = [mlflow.entities.Param(k, v) for k, v in params.items()]
@@ -184,12 +204,11 @@ class ExperimentTracker:
         return RunRef(self.uri, run_id, self.experiment_id)
 
     def log_dataset(self, run_id: str, source: str, key: str, n_tokens: int) -> None:
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        """The training corpus as the run's dataset input: ``source`` is the run's own spec's ``kind:value`` (see
+        :func:`gpt2exp.tracking.dataset.dataset_input`), ``key`` its token cache key, ``n_tokens`` its training tokens."""
+        from gpt2exp.tracking.dataset import dataset_input
 
-        dataset = MetaDataset(HTTPDatasetSource(url=source), name=source.split(":", 1)[-1][-60:], digest=key[:16])
-        self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
+        self.client.log_inputs(run_id, [dataset_input(source, key, n_tokens)])
         self.client.set_tag(run_id, "gpt2exp.dataset_tokens", str(n_tokens))
 
     def register_best(self, candidates: dict[str, float], name: str) -> tuple[str, float]:
@@ -206,10 +225,33 @@ class ExperimentTracker:
         )
 
 
+@contextlib.contextmanager
+def sampling_interval(seconds: float) -> Iterator[None]:
+    """MLflow's system metrics sampling interval for the runs started in the block, unless the user set one
+    (MLflow keeps it in an environment variable: left as it was afterwards)."""
+    if os.environ.get(SAMPLING_ENV):
+        yield
+        return
+    mlflow.set_system_metrics_sampling_interval(seconds)
+    try:
+        yield
+    finally:
+        mlflow.set_system_metrics_sampling_interval(None)
+
+
+def end_status(error: BaseException | None) -> str:
+    """A run's status when its logger closes, as ``with mlflow.start_run()`` sets it: FAILED on an error,
+    KILLED on Ctrl-C, else FINISHED."""
+    return "FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 class RunLogger:
     """Worker side (rank 0): metrics batched and sent asynchronously, each step once (a resume re-runs the
     steps after its checkpoint: those already in the run are not sent again); checkpoints as MLflow logged
-    models with their step and metrics, once committed; the final model as a pyfunc named ``model``."""
+    models with their step and metrics, once committed; the final model as a pyfunc named ``model``.
+
+    The child run is this thread's active MLflow run from creation to :meth:`close`: MLflow's public way
+    to sample system metrics into a run (``start_run(log_system_metrics=True)``) and to log a model into it."""
 
     def __init__(self, ref: RunRef, system_metrics: bool = True) -> None:
         self.ref, self.client = ref, MlflowClient(ref.uri)
@@ -217,12 +259,9 @@ class RunLogger:
         self.logged = {m.step for m in self.client.get_metric_history(ref.run_id, "train_loss")}
         self.sent: list[Metric] = []  # the last record sent
         self.pending: list[RunOperations] = []  # batches sent, not yet known to be stored
-        self.monitor = None
-        if system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.monitor = SystemMetricsMonitor(ref.run_id, sampling_interval=5, resume_logging=True, tracking_uri=ref.uri)
-            self.monitor.start()
+        # nested: a run another caller has open in this thread stays open; system metrics resume after their last step
+        with using(ref.uri), sampling_interval(SYSTEM_METRICS_INTERVAL_S):
+            mlflow.start_run(run_id=ref.run_id, nested=True, log_system_metrics=system_metrics)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params known only once the model is built (logged again, unchanged, on a resume)."""
@@ -266,13 +305,21 @@ class RunLogger:
             self.client.log_batch(self.ref.run_id, metrics=linked, synchronous=False)
 
     def final_model(self, final_dir: Path, step: int) -> None:
+        """Log the final model into the run (the active run: called from the thread that made the logger)."""
         from gpt2exp.tracking.pyfunc import log_gpt_model
 
-        with using(self.ref.uri), mlflow.start_run(run_id=self.ref.run_id):
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.ref.run_id:
+            raise RuntimeError(f"RunLogger.final_model: run {self.ref.run_id} is not active in this thread")
+        with using(self.ref.uri):
             log_gpt_model(final_dir, step=step)
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        """Store what was sent, stop the system metrics and end the run with ``status``: by default as
+        :func:`end_status` of the exception being raised, if any (a ``finally`` closes it). The driver sets
+        the job's status afterwards: it knows about restarts and divergence."""
         with using(self.ref.uri):  # the run's store: the default one would be a new mlflow.db in the cwd
             mlflow.flush_async_logging()
-        if self.monitor is not None:
-            self.monitor.finish()
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.ref.run_id:
+                mlflow.end_run(status or end_status(sys.exc_info()[1]))

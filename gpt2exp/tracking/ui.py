@@ -2,9 +2,8 @@
 runner, loopback only), started as a child process group and stopped cleanly.
 
 ``serve_ui`` is what ``gpt2exp ui`` runs (foreground, Ctrl-C stops it); ``mlflow_server`` is a context
-manager that tests and scripts use to get a real server on a free port. The headless-Chromium helpers
-(``find_chromium``, ``dump_dom``, ``screenshot``) drive Debian's ``chromium`` from the command line to
-check what the UI actually renders (it is a React app: the DOM is built after the page loads).
+manager that tests and scripts use to get a real server on a free port (``tracking/browser.py`` looks at what
+it renders). ``ui_url`` links into the model-training view.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpt2exp import env
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.tracking.store import check_store
 
@@ -35,12 +35,7 @@ class UIError(Gpt2expError, RuntimeError):
 
 def server_env() -> dict[str, str]:
     """The server's environment: no telemetry, no background job runner, quiet clients."""
-    return os.environ | {
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return os.environ | env.MLFLOW | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def server_command(store_uri: str, artifacts: Path | None, host: str, port: int) -> list[str]:
@@ -81,6 +76,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 def base_url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
+
+
+def ui_url(base: str, experiment_id: str | None = None, path: str = "") -> str:
+    """A page of the MLflow UI at ``base`` in its model-training view: MLflow 3.17's UI picks its view from a
+    switch kept in the browser (the GenAI view in a fresh browser) or this URL parameter, not from the
+    experiment's ``mlflow.experimentKind`` tag. ``path``: e.g. ``/runs``, ``/runs/<id>/artifacts/<file>``."""
+    page = f"/experiments/{experiment_id}{path}" if experiment_id is not None else "/experiments"
+    return f"{base}/#{page}?workflowType=machine_learning"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -222,13 +225,13 @@ def serve_ui(
     try:
         server = _Server(store_uri, artifacts, host, port)
         server.wait_ready()
-        print(f"MLflow UI: {server.url}  (store {store_uri}; Ctrl-C to stop)", flush=True)
+        print(f"MLflow UI: {ui_url(server.url)}  (store {store_uri}; Ctrl-C to stop)", flush=True)
         if host not in ("127.0.0.1", "localhost", "::1"):
             print(f"note: listening on {host}; MLflow refuses Host headers other than local/private addresses", flush=True)
         if open_browser:
             import webbrowser
 
-            webbrowser.open(server.url)
+            webbrowser.open(ui_url(server.url))
         while server.proc.poll() is None:
             time.sleep(0.5)
         raise server.failure(f"mlflow server stopped unexpectedly with code {server.proc.returncode}")
@@ -244,62 +247,3 @@ def serve_ui(
             server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-# --- headless Chromium (Debian's ``chromium`` package), for tests and scripts/check_ui.py ---------------
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",  # root in a container: the sandbox cannot start
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--metrics-recording-only",
-    "--hide-scrollbars",
-]
-
-
-def find_chromium() -> str | None:
-    """The Chromium binary: ``$CHROMIUM``, else ``chromium`` / ``chromium-browser`` on PATH."""
-    import shutil
-
-    if env := os.environ.get("CHROMIUM"):
-        return env if Path(env).is_file() else None
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
-def _chromium(args: list[str], url: str, budget_ms: int, timeout: float) -> subprocess.CompletedProcess:
-    exe = find_chromium()
-    if exe is None:
-        raise UIError("no Chromium found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)")
-    with tempfile.TemporaryDirectory(prefix="gpt2exp-chromium-") as profile:
-        cmd = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", *args, url]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
-
-
-def dump_dom(url: str, budget_ms: int = 15000, timeout: float = 120) -> str:
-    """The page's DOM (serialized HTML) after ``budget_ms`` of virtual time: what the React app rendered."""
-    result = _chromium(["--dump-dom"], url, budget_ms, timeout)
-    if result.returncode != 0 or "<html" not in result.stdout:
-        raise UIError(f"chromium --dump-dom {url} failed (code {result.returncode}): {result.stderr.strip()[-800:]}")
-    return result.stdout
-
-
-def screenshot(url: str, path: Path, size: tuple[int, int] = (1400, 900), budget_ms: int = 15000, timeout: float = 120) -> Path:
-    """A PNG of the page after ``budget_ms`` of virtual time."""
-    path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    result = _chromium([f"--screenshot={path}", f"--window-size={size[0]},{size[1]}"], url, budget_ms, timeout)
-    if not path.is_file():
-        raise UIError(f"chromium --screenshot {url} wrote nothing (code {result.returncode}): {result.stderr.strip()[-800:]}")
-    return path
