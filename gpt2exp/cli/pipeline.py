@@ -86,12 +86,11 @@ def pipeline_status(
     from gpt2exp.pipeline.runner import status_rows, status_table
     from gpt2exp.pipeline.state import PipelineRun
     from gpt2exp.tracking.runs import store_uri
-    from gpt2exp.tracking.store import sqlite_path
+    from gpt2exp.tracking.store import missing_sqlite
 
     pipeline = load_pipeline(pipeline_file)
     uri = store_uri(output, tracking_uri or pipeline.tracking_uri)
-    stored = (db := sqlite_path(uri)) is None or db.is_file()
-    run = PipelineRun.find(uri, pipeline.name) if stored else None
+    run = None if missing_sqlite(uri) else PipelineRun.find(uri, pipeline.name)  # no store yet: not run yet
     if json_:
         print_json({"pipeline": pipeline.name, "run_id": run.run_id if run else None, "stages": status_rows(pipeline, run)})
     else:

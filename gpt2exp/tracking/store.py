@@ -18,13 +18,18 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
 
 
+def missing_sqlite(uri: str) -> Path | None:
+    """The database file ``uri`` names when it does not exist (reading it would create an empty store), else None."""
+    path = sqlite_path(uri)
+    return path if path is not None and not path.is_file() else None
+
+
 def check_store(uri: str, error: type[Gpt2expError] = Gpt2expError) -> None:
     """Raise ``error`` (one line) when ``uri`` names a SQLite file that does not exist or a server that
     does not answer; other URIs are left to MLflow."""
-    if (path := sqlite_path(uri)) is not None:
-        if not path.is_file():
-            raise error(f"no MLflow store at {path}: run an experiment first, or pass --output / --tracking-uri")
-    elif uri.startswith(("http://", "https://")):
+    if (path := missing_sqlite(uri)) is not None:
+        raise error(f"no MLflow store at {path}: run an experiment first, or pass --output / --tracking-uri")
+    if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TIMEOUT_S).close()
         except urllib.error.HTTPError:
