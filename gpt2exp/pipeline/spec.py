@@ -153,7 +153,7 @@ class PipelineSpec(Strict):
         """References point at earlier stages of the right kind; run stages' specs load and validate."""
         base, stages = Path((info.context or {}).get("base", ".")), self.stages
         problems: list[str] = []
-        seen: dict[str, Stage] = {}
+        seen: dict[str, AnyStage] = {}
         for i, stage in enumerate(stages):
             where = f"stages.{i}.{stage.kind}"
             if stage.name in seen:
