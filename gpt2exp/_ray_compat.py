@@ -21,22 +21,22 @@ AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 def global_node() -> Any:
     """The node this process started with ``ray.init`` (a private cluster), else None. (No public API tells a
     driver whether it started the cluster it is connected to.)"""
-    import ray
+    from ray._private import worker
 
-    return ray._private.worker._global_node
+    return worker._global_node
 
 
 def node_processes() -> tuple[list[Any], list[Any]]:
     """Of the cluster this process started: (its autoscaler monitor processes, all its processes), as
     ``subprocess.Popen`` objects. (``ray.shutdown`` waits 1 s for the monitor to obey SIGTERM, and leaves the
     agents that outlive their raylet: gpt2exp kills those itself.)"""
-    import ray
+    from ray._private import ray_constants
 
     node = global_node()
     if node is None:
         return [], []
     processes = node.all_processes
-    monitors = [info.process for info in processes.get(ray._private.ray_constants.PROCESS_TYPE_MONITOR, [])]
+    monitors = [info.process for info in processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])]
     return monitors, [info.process for infos in processes.values() for info in infos]
 
 

@@ -69,24 +69,26 @@ class ModelSpec(Strict):
     """GPT-2 family architecture. Defaults are GPT-2 small (124M)."""
 
     vocab_size: int = Field(
-        50257, gt=0, le=2**20, description="Token vocabulary (50257 for GPT-2 BPE; 50304 pads to a multiple of 64)."
+        default=50257, gt=0, le=2**20, description="Token vocabulary (50257 for GPT-2 BPE; 50304 pads to a multiple of 64)."
     )
-    block_size: int = Field(1024, gt=0, le=2**20, description="Maximum context length in tokens.")
-    n_layer: int = Field(12, gt=0, le=1000)
-    n_head: int = Field(12, gt=0, le=1024, description="Query heads.")
+    block_size: int = Field(default=1024, gt=0, le=2**20, description="Maximum context length in tokens.")
+    n_layer: int = Field(default=12, gt=0, le=1000)
+    n_head: int = Field(default=12, gt=0, le=1024, description="Query heads.")
     n_kv_head: int | None = Field(
-        None,
+        default=None,
         gt=0,
         le=1024,
         description="Key/value heads: n_head = multi-head, a divisor = grouped-query, 1 = multi-query (default n_head).",
     )
-    n_embd: int = Field(768, gt=0, le=2**16)
+    n_embd: int = Field(default=768, gt=0, le=2**16)
     positional: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
-    rope_theta: float = Field(10000.0, gt=0, le=1e10, description="RoPE base frequency.")
-    sliding_window: int | None = Field(None, gt=0, description="Each token sees at most the last W tokens (itself included).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    bias: bool = Field(True, description="Biases in Linear layers and LayerNorms (GPT-2: true).")
-    tie_weights: bool = Field(True, description="Share the token embedding with the LM head.")
+    rope_theta: float = Field(default=10000.0, gt=0, le=1e10, description="RoPE base frequency.")
+    sliding_window: int | None = Field(
+        default=None, gt=0, description="Each token sees at most the last W tokens (itself included)."
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias: bool = Field(default=True, description="Biases in Linear layers and LayerNorms (GPT-2: true).")
+    tie_weights: bool = Field(default=True, description="Share the token embedding with the LM head.")
 
     @field_validator("n_kv_head")
     @classmethod
@@ -143,14 +145,14 @@ class ModelSpec(Strict):
 class DataSpec(Strict):
     """Where the training text comes from. Exactly one of path, url, hf_dataset, builtin."""
 
-    path: str | None = Field(None, description="A text file, a folder of text files or a glob.")
-    url: str | None = Field(None, description="A text file to download once into the cache (needs network).")
-    hf_dataset: str | None = Field(None, description="A Hugging Face dataset name (optional extra, needs network).")
+    path: str | None = Field(default=None, description="A text file, a folder of text files or a glob.")
+    url: str | None = Field(default=None, description="A text file to download once into the cache (needs network).")
+    hf_dataset: str | None = Field(default=None, description="A Hugging Face dataset name (optional extra, needs network).")
     hf_split: str = "train"
     hf_text_field: str = "text"
-    builtin: Literal["shakespeare"] | None = Field(None, description="A small corpus installed with the package.")
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of the tokens held out for validation.")
-    cache_dir: str | None = Field(None, description="Token cache folder (default: ~/.cache/gpt2exp/tokens).")
+    builtin: Literal["shakespeare"] | None = Field(default=None, description="A small corpus installed with the package.")
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5, description="Share of the tokens held out for validation.")
+    cache_dir: str | None = Field(default=None, description="Token cache folder (default: ~/.cache/gpt2exp/tokens).")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -174,45 +176,47 @@ class DataSpec(Strict):
 class TrainSpec(Strict):
     """Optimisation and budget. ``batch_size`` is global (sequences per optimizer step)."""
 
-    max_steps: int | None = Field(None, gt=0, le=10**9, description="Budget in optimizer steps.")
-    max_tokens: int | None = Field(None, gt=0, le=10**15, description="Budget in training tokens (converted to steps).")
-    max_epochs: float | None = Field(None, gt=0, le=10**6, description="Budget in passes over the training split.")
+    max_steps: int | None = Field(default=None, gt=0, le=10**9, description="Budget in optimizer steps.")
+    max_tokens: int | None = Field(default=None, gt=0, le=10**15, description="Budget in training tokens (converted to steps).")
+    max_epochs: float | None = Field(default=None, gt=0, le=10**6, description="Budget in passes over the training split.")
     batch_size: int = Field(
-        8, gt=0, le=2**20, description="Global batch: sequences per optimizer step, whatever the worker count."
+        default=8, gt=0, le=2**20, description="Global batch: sequences per optimizer step, whatever the worker count."
     )
     micro_batch_size: int | None = Field(
-        None, gt=0, le=2**20, description="Sequences per forward pass on one worker (default: batch_size / workers)."
+        default=None, gt=0, le=2**20, description="Sequences per forward pass on one worker (default: batch_size / workers)."
     )
-    lr: float = Field(6e-4, gt=0, le=10)
-    min_lr: float | None = Field(None, ge=0, description="Floor of the schedule (default lr/10).")
+    lr: float = Field(default=6e-4, gt=0, le=10)
+    min_lr: float | None = Field(default=None, ge=0, description="Floor of the schedule (default lr/10).")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0, le=10**9)
-    weight_decay: float = Field(0.1, ge=0, le=10)
-    beta1: float = Field(0.9, gt=0, lt=1)
-    beta2: float = Field(0.95, gt=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0, le=1e6, description="Max global gradient norm (null: no clipping).")
-    eval_interval: int = Field(100, gt=0, le=10**9, description="Evaluate every N steps (and at the end).")
+    warmup_steps: int = Field(default=0, ge=0, le=10**9)
+    weight_decay: float = Field(default=0.1, ge=0, le=10)
+    beta1: float = Field(default=0.9, gt=0, lt=1)
+    beta2: float = Field(default=0.95, gt=0, lt=1)
+    grad_clip: float | None = Field(default=1.0, gt=0, le=1e6, description="Max global gradient norm (null: no clipping).")
+    eval_interval: int = Field(default=100, gt=0, le=10**9, description="Evaluate every N steps (and at the end).")
     eval_tokens: int = Field(
-        8192,
+        default=8192,
         gt=0,
         le=10**15,
         description="Tokens scored by each evaluation during training: a fixed sample of the validation windows.",
     )
     final_eval_tokens: int | None = Field(
-        None,
+        default=None,
         gt=0,
         le=10**15,
         description="Tokens scored by the final evaluation (default: a quarter of the training tokens, at least "
         "eval_tokens, at most the whole validation split; a forward pass costs about a third of a training step, "
         "so this adds under 10% to the run).",
     )
-    log_interval: int = Field(10, gt=0, le=10**9)
+    log_interval: int = Field(default=10, gt=0, le=10**9)
     checkpoint_interval: int | None = Field(
-        None, gt=0, le=10**9, description="Checkpoint every N steps (default: eval_interval)."
+        default=None, gt=0, le=10**9, description="Checkpoint every N steps (default: eval_interval)."
     )
     seed: Seed = 1337
-    seeds: list[Seed] | None = Field(None, min_length=1, description="Run every variant once per seed (distinct seeds).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+    seeds: list[Seed] | None = Field(default=None, min_length=1, description="Run every variant once per seed (distinct seeds).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
     compile: bool = False
 
     @field_validator("seeds")
@@ -246,16 +250,22 @@ class TrainSpec(Strict):
 class ParallelSpec(Strict):
     """How a variant is executed: launcher, data-parallel strategy and workers."""
 
-    launcher: Literal["local", "ray"] = Field("local", description="local: this process (or torchrun); ray: Ray Train.")
+    launcher: Literal["local", "ray"] = Field(default="local", description="local: this process (or torchrun); ray: Ray Train.")
     strategy: Literal["none", "ddp", "fsdp"] = "none"
-    num_workers: int = Field(1, gt=0, le=10_000)
+    num_workers: int = Field(default=1, gt=0, le=10_000)
     use_gpu: bool = False
-    gpus_per_worker: float = Field(1.0, gt=0, le=1024)
-    cpus_per_worker: int | None = Field(None, gt=0, le=10_000, description="Default: the node's CPUs shared among workers.")
-    max_concurrent: int | None = Field(None, gt=0, le=10_000, description="Variants running at once (default: as many as fit).")
-    max_failures: int = Field(0, ge=0, le=1000, description="Restarts of a crashed worker group from its last checkpoint.")
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=1024)
+    cpus_per_worker: int | None = Field(
+        default=None, gt=0, le=10_000, description="Default: the node's CPUs shared among workers."
+    )
+    max_concurrent: int | None = Field(
+        default=None, gt=0, le=10_000, description="Variants running at once (default: as many as fit)."
+    )
+    max_failures: int = Field(
+        default=0, ge=0, le=1000, description="Restarts of a crashed worker group from its last checkpoint."
+    )
     peak_flops: float | None = Field(
-        None, gt=0, le=1e18, description="Peak FLOP/s of one device for MFU (default: known-GPU table)."
+        default=None, gt=0, le=1e18, description="Peak FLOP/s of one device for MFU (default: known-GPU table)."
     )
 
     @field_validator("num_workers")
@@ -279,9 +289,11 @@ with warnings.catch_warnings():  # `register` shadows ABCMeta.register on the cl
         """MLflow tracking."""
 
         enabled: bool = True
-        tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the output folder.")
-        experiment_name: str | None = Field(None, description="MLflow experiment (default: the spec's name).")
-        register: str | None = Field(None, description="Register the best variant's model under this name, alias 'best'.")
+        tracking_uri: str | None = Field(
+            default=None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the output folder."
+        )
+        experiment_name: str | None = Field(default=None, description="MLflow experiment (default: the spec's name).")
+        register: str | None = Field(default=None, description="Register the best variant's model under this name, alias 'best'.")
         log_checkpoints: bool = True
         system_metrics: bool = True
 
@@ -308,7 +320,7 @@ class ExperimentSpec(Strict):
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="Dotted path -> values (numbers, strings, true/false, null); crossed with variants."
     )
-    baseline: str | None = Field(None, description="Variant the others are compared to (default: the first).")
+    baseline: str | None = Field(default=None, description="Variant the others are compared to (default: the first).")
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentSpec:

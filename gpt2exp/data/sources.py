@@ -218,7 +218,7 @@ def download(url: str, folder: Path) -> Path:
 def hf_source(spec: DataSpec) -> Source:
     """Each row's ``hf_text_field`` is one document; the key is the dataset's fingerprint."""
     try:
-        import datasets  # optional: pip install 'gpt2exp[hf]'
+        import datasets  # pyright: ignore[reportMissingImports]  # optional: pip install 'gpt2exp[hf]'
     except ImportError:
         raise DataError("data.hf_dataset needs the optional package datasets: pip install 'gpt2exp[hf]' (and network)") from None
     try:

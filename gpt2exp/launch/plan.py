@@ -34,6 +34,7 @@ def total_steps(spec: ExperimentSpec, n_train_tokens: int) -> int:
         return t.max_steps
     if t.max_tokens:
         return math.ceil(t.max_tokens / per_step)
+    assert t.max_epochs is not None  # TrainSpec requires one budget
     return max(1, math.ceil(t.max_epochs * n_train_tokens / per_step))
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -48,10 +49,10 @@ class ProgressView:
             self.live.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.live:
             self.live.update(self.render())
-            self.live.__exit__(*exc)
+            self.live.__exit__(exc_type, exc, tb)
 
     def record(self, key: str, record: dict[str, Any]) -> None:
         row = self.rows.setdefault(key, {})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,11 @@ class ProgressBus:
     def __init__(self) -> None:
         self.records: list[tuple[str, dict[str, Any]]] = []
 
+    @ray.method  # types .remote() on the actor's handle; no options
     def put(self, key: str, record: dict[str, Any]) -> None:
         self.records.append((key, record))
 
+    @ray.method
     def drain(self) -> list[tuple[str, dict[str, Any]]]:
         out, self.records = self.records, []
         return out
@@ -65,7 +67,7 @@ def worker_resources(p: ParallelSpec) -> dict[str, float]:
     return {"CPU": p.cpus_per_worker or max(1, int(node_cpus // p.num_workers))}
 
 
-def lanes(jobs: list[TrainJob], resources: dict[str, float]) -> dict[str, list[TrainJob]]:
+def lanes(jobs: list[TrainJob], resources: Mapping[str, float]) -> dict[str, list[TrainJob]]:
     """Jobs with the same worker shape share worker groups ("lanes"), as many lanes side by side
     as the cluster fits. Lanes are named by their place in the whole plan, so a rerun finds them."""
     groups: dict[str, list[TrainJob]] = {}
@@ -194,7 +196,7 @@ def _catching(work: Callable[[str], None], name: str, errors: list[BaseException
     return run
 
 
-def _does_not_fit(p: ParallelSpec, resources: dict[str, float]) -> str | None:
+def _does_not_fit(p: ParallelSpec, resources: Mapping[str, float]) -> str | None:
     """Why a worker group of this shape can never be placed on the cluster, or None."""
     for kind, amount in worker_resources(p).items():
         if resources.get(kind, 0) < p.num_workers * amount:

@@ -53,12 +53,12 @@ class ExperimentResult:
     @property
     def best(self) -> dict[str, Any] | None:
         """The completed run with the lowest final validation loss (its row), if any."""
-        done = self.runs[self.runs.status == "completed"].dropna(subset=["val_loss"])
+        done = self.runs.loc[self.runs.status == "completed"].dropna(subset=["val_loss"])
         return None if done.empty else done.sort_values("val_loss", kind="stable").iloc[0].to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the figures and references a script or notebook needs next."""
-        plain = lambda v: None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v
+        plain = lambda v: None if isinstance(v, float) and math.isnan(v) else getattr(v, "item", lambda: v)()  # numpy -> Python
         rows = [{k: plain(v) for k, v in row.items()} for row in self.runs.to_dict("records")]
         best = self.best
         return {
@@ -120,7 +120,7 @@ def run_experiment(
 
     with one_writer(out_dir):
         if launcher == "ray":  # a data path that names nothing is reported before Ray starts
-            for path in {v.spec.data.path for v in spec.expand()} - {None}:
+            for path in {v.spec.data.path for v in spec.expand() if v.spec.data.path is not None}:
                 find_files(path)
         plan, tracker = beside_ray(prepare, start=launcher == "ray")
         return execute(plan, launcher, tracker, console, show_progress)
@@ -195,19 +195,19 @@ def print_results(console: Console, results: pd.DataFrame) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col in ("variant", "status") else "right")
     num = lambda v, f: "" if v is None or v != v else format(v, f)
-    for r in results.itertuples():
+    for r in results.to_dict("records"):
         table.add_row(
-            str(r.variant),
-            str(r.seed),
-            num(r.params, ",.0f"),
-            num(r.tokens, ",.0f"),
-            num(r.train_loss, ".4f"),
-            num(r.val_loss, ".4f"),
-            num(r.val_loss_se, ".4f"),
-            num(r.val_perplexity, ".2f"),
-            num(r.tokens_per_sec, ",.0f"),
-            num(r.wall_s, ".1f"),
-            str(r.status),
+            str(r["variant"]),
+            str(r["seed"]),
+            num(r["params"], ",.0f"),
+            num(r["tokens"], ",.0f"),
+            num(r["train_loss"], ".4f"),
+            num(r["val_loss"], ".4f"),
+            num(r["val_loss_se"], ".4f"),
+            num(r["val_perplexity"], ".2f"),
+            num(r["tokens_per_sec"], ",.0f"),
+            num(r["wall_s"], ".1f"),
+            str(r["status"]),
         )
     console.print(table)
 

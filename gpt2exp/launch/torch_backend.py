@@ -67,7 +67,8 @@ class _LateTorchBackend(Backend):
         backend, _, _ = _ray_compat.torch_backend()
         return backend()
 
-    def on_start(self, worker_group: Any, backend_config: LateTorchConfig) -> None:
+    def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
+        assert isinstance(backend_config, LateTorchConfig)  # this backend's config
         port = None
         if backend_config.backend in ("gloo", "nccl") and backend_config.init_method == "env":
             port = worker_group.execute_single(0, _serve_store_on_loopback, backend_config.timeout_s)
@@ -113,7 +114,7 @@ def _serve_store_on_loopback(timeout_s: int) -> int | None:
     global _store
     if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
         return None
-    from torch.distributed import TCPStore
+    from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]  # public, re-exported from torch._C
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

@@ -24,13 +24,14 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, Hkv, T, hs) at positions pos..pos+T; return all keys/values so far."""
         B, Hkv, T, hs = k.shape
-        if self.k[layer] is None:
-            self.k[layer] = k.new_empty(B, Hkv, self.block_size, hs)
-            self.v[layer] = v.new_empty(B, Hkv, self.block_size, hs)
+        keys, values = self.k[layer], self.v[layer]
+        if keys is None or values is None:  # both, on the first write
+            keys = self.k[layer] = k.new_empty(B, Hkv, self.block_size, hs)
+            values = self.v[layer] = v.new_empty(B, Hkv, self.block_size, hs)
         end = self.pos + T
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        keys[:, :, self.pos : end] = k
+        values[:, :, self.pos : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 def attention_mask(spec: ModelSpec, start: int, T: int, device: torch.device) -> Tensor | None:
@@ -56,6 +57,7 @@ def attention_mask(spec: ModelSpec, start: int, T: int, device: torch.device) ->
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
+        assert spec.n_kv_head is not None  # ModelSpec defaults it to n_head
         self.layer, self.n_head, self.n_kv_head, self.hs = layer, spec.n_head, spec.n_kv_head, spec.head_size
         # fused projection to [q (H*hs) | k (Hkv*hs) | v (Hkv*hs)], GPT-2's c_attn layout when Hkv = H
         self.c_attn = nn.Linear(spec.n_embd, (spec.n_head + 2 * spec.n_kv_head) * spec.head_size, bias=spec.bias)

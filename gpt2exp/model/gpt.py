@@ -49,6 +49,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Transformer(nn.ModuleDict):
+    """GPT's ``transformer`` modules (state-dict prefix ``transformer.``), with their types."""
+
+    wte: nn.Embedding
+    drop: nn.Dropout
+    h: nn.ModuleList  # of Block
+    ln_f: nn.LayerNorm
+    wpe: nn.Embedding  # learned positions only
+
+
 class GPT(nn.Module):
     """GPT-2 with multi-head/grouped-query/multi-query attention and learned, sinusoidal, RoPE,
     ALiBi or no positions. ``forward(idx, targets) -> (logits, loss)``.
@@ -56,10 +66,14 @@ class GPT(nn.Module):
     ``GPT(spec, seed=s)`` draws every parameter from (s, its name) alone (see ``init_weights``), so
     two variants built with one seed share every tensor whose name and shape agree."""
 
+    pos_table: Tensor  # buffers, by positional: sinusoidal (block_size, n_embd); rope (block_size, hs) each
+    rope_cos: Tensor
+    rope_sin: Tensor
+
     def __init__(self, spec: ModelSpec | None = None, seed: int | None = None) -> None:
         super().__init__()
         self.spec = spec = spec or ModelSpec()
-        self.transformer = nn.ModuleDict(
+        self.transformer = Transformer(
             dict(
                 wte=nn.Embedding(spec.vocab_size, spec.n_embd),
                 drop=nn.Dropout(spec.dropout),

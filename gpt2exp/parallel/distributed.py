@@ -9,12 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from gpt2exp.spec import ParallelSpec
+
+if TYPE_CHECKING:
+    from gpt2exp.model import GPT
 
 
 def init_from_env(use_gpu: bool) -> None:
@@ -44,7 +48,7 @@ def set_cpu_threads(parallel: ParallelSpec, local_world: int) -> None:
     torch.set_num_threads(threads)
 
 
-def wrap(model: nn.Module, parallel: ParallelSpec, device: torch.device, bf16: bool) -> nn.Module:
+def wrap(model: GPT, parallel: ParallelSpec, device: torch.device, bf16: bool) -> nn.Module:
     """DDP or FSDP2 around ``model`` (already on ``device``) when the group has several ranks."""
     if not dist.is_initialized() or dist.get_world_size() == 1 or parallel.strategy == "none":
         return model
@@ -70,15 +74,15 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce on non-final micro-steps of gradient accumulation."""
     if enabled:
         yield
-    elif hasattr(model, "no_sync"):  # DDP
-        with model.no_sync():
+    elif (no_sync := getattr(model, "no_sync", None)) is not None:  # DDP
+        with no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
+    elif (set_sync := getattr(model, "set_requires_gradient_sync", None)) is not None:  # FSDP2
+        set_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            set_sync(True)
     else:
         yield
 

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from gpt2exp.errors import Gpt2expError, check_inside, one_line
 from gpt2exp.lock import exclusive
-from gpt2exp.pipeline.spec import PipelineSpec, PrepareStage, RunStage, Stage
+from gpt2exp.pipeline.spec import AnyStage, PipelineSpec, PrepareStage, RunStage, Stage
 from gpt2exp.pipeline.stages import RUNNERS, Context, StageFailed
 from gpt2exp.pipeline.state import PipelineRun, StageState
 
@@ -110,7 +110,7 @@ def run_pipeline(
     return run
 
 
-def _execute(stage: Stage, ctx: Context, state: StageState, title: str) -> dict[str, Any]:
+def _execute(stage: AnyStage, ctx: Context, state: StageState, title: str) -> dict[str, Any]:
     """One stage, its outcome recorded in the pipeline run whatever happens."""
     run = ctx.run
     try:

@@ -53,7 +53,7 @@ class RunStage(Stage):
     kind: Literal["run"]
     spec: str | dict[str, Any] = Field(description="Experiment spec file (relative to the pipeline file) or an inline spec.")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides of the spec: dotted path -> value.")
-    data: StageName | None = Field(None, description="A prepare stage whose dataset replaces the spec's data.")
+    data: StageName | None = Field(default=None, description="A prepare stage whose dataset replaces the spec's data.")
     _experiment: ExperimentSpec | None = PrivateAttr(None)
 
     @property
@@ -72,7 +72,7 @@ class CompareStage(Stage):
     kind: Literal["compare"]
     runs: list[StageName] = Field(default_factory=list, description="Run stages (default: every earlier run stage).")
     metric: str = "val_loss"
-    baseline: str | None = Field(None, description="Variant compared to (default: the first run stage's baseline).")
+    baseline: str | None = Field(default=None, description="Variant compared to (default: the first run stage's baseline).")
 
     def references(self) -> list[str]:
         return list(self.runs)
@@ -84,7 +84,7 @@ class RegisterStage(Stage):
     kind: Literal["register"]
     runs: list[StageName] = Field(default_factory=list, description="Run stages (default: every earlier run stage).")
     model_name: str = Field(min_length=1, description="Registered model name.")
-    alias: str = Field("best", pattern=r"^[A-Za-z0-9_-]+$")
+    alias: str = Field(default="best", pattern=r"^[A-Za-z0-9_-]+$")
     metric: str = "val_loss"
 
     def references(self) -> list[str]:
@@ -106,11 +106,11 @@ class GenerateStage(Stage):
     kind: Literal["generate"]
     model: ModelRef
     prompts: list[str] = Field(default_factory=lambda: ["\n"], min_length=1)
-    samples_per_prompt: int = Field(1, gt=0, le=10_000)
-    max_new_tokens: int = Field(200, gt=0, le=10**6)
-    temperature: float = Field(0.8, ge=0.0, le=100.0)
-    top_k: int | None = Field(200, gt=0, le=2**20)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    samples_per_prompt: int = Field(default=1, gt=0, le=10_000)
+    max_new_tokens: int = Field(default=200, gt=0, le=10**6)
+    temperature: float = Field(default=0.8, ge=0.0, le=100.0)
+    top_k: int | None = Field(default=200, gt=0, le=2**20)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: Seed = 0
 
     def references(self) -> list[str]:
@@ -122,7 +122,7 @@ class ExportStage(Stage):
 
     kind: Literal["export"]
     model: ModelRef
-    folder: str | None = Field(None, description="Target folder (default: the stage's output folder /hf).")
+    folder: str | None = Field(default=None, description="Target folder (default: the stage's output folder /hf).")
 
     def references(self) -> list[str]:
         return [self.model] if is_stage_ref(self.model) else []
@@ -145,7 +145,7 @@ class PipelineSpec(Strict):
 
     name: Name
     description: str = ""
-    tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the output folder.")
+    tracking_uri: str | None = Field(default=None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the output folder.")
     stages: list[AnyStage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -153,7 +153,7 @@ class PipelineSpec(Strict):
         """References point at earlier stages of the right kind; run stages' specs load and validate."""
         base, stages = Path((info.context or {}).get("base", ".")), self.stages
         problems: list[str] = []
-        seen: dict[str, Stage] = {}
+        seen: dict[str, AnyStage] = {}
         for i, stage in enumerate(stages):
             where = f"stages.{i}.{stage.kind}"
             if stage.name in seen:

@@ -72,7 +72,7 @@ def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
     spec = validate_spec(raw, f"stage {stage.name}")
     result = run_experiment(spec, ctx.output, ctx.console, show_progress=ctx.show_progress, out_dir=ctx.folder)
     runs = result.runs
-    failed = [f"{r.variant} (seed {r.seed}): {r.status}" for r in runs.itertuples() if r.status != "completed"]
+    failed = [f"{r['variant']} (seed {r['seed']}): {r['status']}" for r in runs.to_dict("records") if r["status"] != "completed"]
     if failed:
         raise StageFailed(f"{len(failed)} of {len(runs)} run(s) did not complete: {'; '.join(failed)}")
     best = result.best

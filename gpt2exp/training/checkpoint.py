@@ -23,13 +23,12 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from pydantic import ValidationError
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
@@ -39,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from gpt2exp.data.prepare import file_digest, file_mismatch
 from gpt2exp.errors import Gpt2expError
@@ -81,7 +82,7 @@ def write_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     folder.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _dcp("written", folder):
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+        dcp_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
     rank, world_size = rank_and_world()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -203,7 +204,7 @@ def read_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _dcp("loaded (delete it to use an earlier one, or the checkpoints folder to start over)", folder):
-        dcp.load(state, checkpoint_id=str(folder), planner=_PlainDataPlanner())
+        dcp_load(state, checkpoint_id=str(folder), planner=_PlainDataPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank, _ = rank_and_world()
     if (rng_file := folder / f"rng_{rank}.pt").exists():
@@ -218,7 +219,8 @@ def save_final(folder: Path, model: nn.Module, spec: ModelSpec) -> None:
     """All ranks gather the full weights; rank 0 writes ``folder`` atomically (weights + spec)."""
     from safetensors.torch import save_file
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = cast(dict[str, Tensor], get_model_state_dict(model, options=options))  # a model's values are all tensors
     if rank_and_world()[0] != 0:
         return
     if spec.tie_weights:

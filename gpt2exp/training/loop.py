@@ -8,9 +8,11 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gpt2exp.data.loader import BatchSampler, EvalWindows, to_device
 from gpt2exp.model import GPT
@@ -36,6 +38,7 @@ class Session(Protocol):
     def checkpoint(self, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         """Every rank: ``write`` its part into a folder that becomes the latest checkpoint; returns, once it is the
         one a resume would use, where it is kept."""
+        ...
 
     def emit(self, record: dict[str, Any]) -> None:
         """Rank 0: a metrics record for progress display and tracking (must not block)."""
@@ -82,7 +85,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
     model = wrap(raw, spec.parallel, device, bf16)
     optimizer = build_optimizer(raw, t, device)
     if t.compile:
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))  # a module compiles to an OptimizedModule
     sampler = BatchSampler(job.train_tokens, spec.model.block_size, t.batch_size, job.seed, session.rank, session.world_size)
     eval_set = EvalWindows(job.val_tokens, spec.model.block_size)
     micro, accum = spec.micro_batch_size, spec.grad_accum_steps
@@ -114,7 +117,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
                 (loss / accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
         if not math.isfinite(grad_norm):  # identical on every rank: the gradients were all-reduced
             raise Diverged(f"{job.key}: non-finite gradient norm at step {step + 1}; the last good checkpoint is kept")
         optimizer.step()
@@ -126,6 +129,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
         checkpoint_due = done % ckpt_every == 0 and not is_last
         record: dict[str, Any] = {}
         log_due = done % t.log_interval == 0 or done % t.eval_interval == 0 or is_last
+        train_loss = math.nan  # measured on logging steps
         if log_due:
             train_loss = all_mean([loss_sum.item() / accum], device)[0]  # waits for the step to finish
             if not math.isfinite(train_loss):
