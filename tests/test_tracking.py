@@ -26,11 +26,11 @@ from mlflow import MlflowClient
 import gpt2exp
 from gpt2exp.data.tokenizer import EOT, get_tokenizer
 from gpt2exp.launch.plan import make_plan
-from gpt2exp.launch.runner import run_plan
+from gpt2exp.launch.runner import run_plan, track
 from gpt2exp.spec import validate_spec
 from gpt2exp.tracking.dataset import dataset_input
 from gpt2exp.tracking.pyfunc import load_model
-from gpt2exp.tracking.runs import SAMPLING_ENV, ExperimentTracker, RunLogger, RunRef, experiment_id, using
+from gpt2exp.tracking.runs import SAMPLING_ENV, RunLogger, RunRef, experiment_id, using
 from gpt2exp.training.checkpoint import load_final
 
 pytestmark = pytest.mark.slow
@@ -131,10 +131,9 @@ def test_the_dataset_source_is_the_specs_path_not_the_first_tokenizer_of_that_te
     plan = make_plan(validate_spec(tiny(copy)), tmp_path / "out", show_progress=False)
     meta = json.loads((Path(plan.jobs[0].train_tokens).parent / "meta.json").read_text())
     assert meta["source"] != f"path:{copy}"  # the cached tokens name another path
-    tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
-    job = plan.jobs[0]
-    ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), {})
-    tracker.log_dataset(ref.run_id, meta["source"], meta["key"], meta["n_train_tokens"])
+    tracker = track(plan)  # the MLflow runs of the plan, each with its dataset input
+    ref = plan.jobs[0].tracking
+    assert ref is not None
     (used,) = tracker.client.get_run(ref.run_id).inputs.dataset_inputs
     assert json.loads(used.dataset.source) == {"uri": str(copy)} and used.dataset.name == "copy.txt"
 
