@@ -28,7 +28,7 @@ from gpt2exp.tracking.browser import dump_dom, find_chromium, screenshot
 from gpt2exp.tracking.ui import UIError, mlflow_server
 
 
-def api(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+def api(base: str, endpoint: str, body: dict | None = None, /, **query: str) -> dict:
     url = f"{base}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -63,7 +63,9 @@ def check(what: str, url: str, expected: list[str], shot: Path) -> bool:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--output", type=Path, default=Path("outputs"), help="the project's output folder (default: outputs)")
     ap.add_argument("--tracking-uri", help="another store instead of <output>/mlflow.db")
     ap.add_argument("--experiment", action="append", help="experiment name (repeatable; default: all with runs)")

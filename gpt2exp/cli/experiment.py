@@ -95,11 +95,10 @@ def run(
         print_json(result.to_dict())
     else:
         _next_steps(result, spec_file, output)
-    runs = result.runs
     failed = [
-        f"{r.variant} (seed {r.seed}): {r.status}" + (f" ({r.error})" if isinstance(r.error, str) else "")
-        for r in runs.itertuples()
-        if r.status != "completed"
+        f"{r['variant']} (seed {r['seed']}): {r['status']}" + (f" ({r['error']})" if isinstance(r["error"], str) else "")
+        for r in result.runs.to_dict("records")
+        if r["status"] != "completed"
     ]
     if failed:
         raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")
@@ -111,8 +110,8 @@ def _next_steps(result: ExperimentResult, spec_file: Path, output: Path) -> None
     if result.parent_run_id is None:
         return
     console.print(f"MLflow: {result.tracking_uri} · parent run {result.parent_run_id}", highlight=False, soft_wrap=True)
-    for r in result.runs.itertuples():
-        console.print(f"  {r.variant}/seed={r.seed}: run {r.run_id}", highlight=False, soft_wrap=True)
+    for r in result.runs.to_dict("records"):
+        console.print(f"  {r['variant']}/seed={r['seed']}: run {r['run_id']}", highlight=False, soft_wrap=True)
     opt = "" if output == Path("outputs") else f" --output {shlex.quote(str(output))}"
     lines = [f"gpt2exp compare {shlex.quote(str(spec_file))}{opt}", f"gpt2exp ui{opt}"]
     if (best := result.best) is not None:

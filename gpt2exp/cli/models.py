@@ -45,6 +45,7 @@ def open_model(
 
         from gpt2exp.tracking.pyfunc import load_model
 
+        assert model_uri is not None  # exactly one of the two is given
         if ":/" in model_uri:
             use_store(output, tracking_uri)
         try:
@@ -81,7 +82,7 @@ def generate(
     for tok in model.stream(idx, max_new_tokens, temperature, top_k, top_p, eos=EOT, generator=gen):
         if tok.item() == EOT:
             break
-        new.append(tok.item())
+        new.append(int(tok.item()))
         text = enc.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[shown:])

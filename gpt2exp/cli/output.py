@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from typer.core import TyperGroup
 
 from gpt2exp.errors import describe, printable
 from gpt2exp.spec import SpecError
+
+if TYPE_CHECKING:
+    from typer._click import Context  # Typer's groups run on its vendored click: ctx is this Context, not typer.Context
 
 console = Console() if sys.stdout.isatty() else Console(width=160)  # piped output: no truncated tables
 err_console = Console(stderr=True)
@@ -48,7 +51,7 @@ class OneErrorPath(TyperGroup):
     ``FILE: path: reason`` lines) and exit code 1 or 2 (see ``gpt2exp.errors.describe``), Ctrl-C as
     one line and exit code 130; a traceback only with ``GPT2EXP_DEBUG=1``."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Context) -> Any:
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:

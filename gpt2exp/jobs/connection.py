@@ -254,7 +254,7 @@ def is_local_host(host: str) -> bool:
     if host in ("localhost", ""):
         return True
     try:
-        ips = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)}
+        ips = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in socket.getaddrinfo(host, None)}
     except (OSError, ValueError):
         return False
     if all(ip.is_loopback for ip in ips):

@@ -20,11 +20,11 @@ from gpt2exp.report.runs import Runs
 
 def variant_curves(runs: Runs, metric: str, finished_only: bool = True) -> pd.DataFrame:
     """``variant, seed, step, value, tokens, elapsed_s``: every logged point of ``metric``."""
-    frame = runs.frame[runs.frame.status == "FINISHED"] if finished_only else runs.frame
-    parts = [runs.curve(r.run_id, metric).assign(variant=r.variant, seed=r.seed) for r in frame.itertuples()]
+    frame = runs.frame.loc[runs.frame.status == "FINISHED"] if finished_only else runs.frame
+    parts = [runs.curve(r["run_id"], metric).assign(variant=r["variant"], seed=r["seed"]) for r in frame.to_dict("records")]
     parts = [p for p in parts if not p.empty]
     columns = ["variant", "seed", "step", "value", "tokens", "elapsed_s"]
-    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True).loc[:, columns] if parts else pd.DataFrame(columns=columns)
 
 
 def _mean_by_step(curves: pd.DataFrame) -> pd.DataFrame:
@@ -69,7 +69,7 @@ def plot_curves(
     colors = [f"C{i % 10}" for i in range(len(variants))]
     lows, highs = [], []
     for name, color in zip(variants, colors, strict=True):
-        mine = curves[curves.variant == name]
+        mine = curves.loc[curves.variant == name]
         agg = _mean_by_step(mine)
         seeds = mine.seed.nunique()
         label = f"{name} ({seeds} seeds)" if seeds > 1 else name
@@ -80,7 +80,7 @@ def plot_curves(
             if seeds > 1:
                 ax.fill_between(agg[x], agg.lo, agg.hi, color=color, alpha=0.18, lw=0)
             if train is not None and not train.empty:
-                t = _mean_by_step(train[train.variant == name])
+                t = _mean_by_step(train.loc[train.variant == name])
                 ax.plot(t[x], t["mean"], color=color, lw=1, ls="--", alpha=0.45)
 
     label = metric.replace("_", " ")

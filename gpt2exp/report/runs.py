@@ -127,7 +127,7 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
     for r in children:
         tags, params = r.data.tags, r.data.params
         seed = tags.get("gpt2exp.seed", params.get("train.seed"))
-        per_step = [params.get("train.batch_size"), params.get("model.block_size")]
+        batch, block = params.get("train.batch_size"), params.get("model.block_size")
         rows.append(
             dict(
                 run_id=r.info.run_id,
@@ -138,7 +138,7 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
                 start_time=r.info.start_time,
                 end_time=r.info.end_time,
                 params=float(params["n_params"]) if "n_params" in params else math.nan,
-                tokens_per_step=math.prod(int(p) for p in per_step) if None not in per_step else None,
+                tokens_per_step=int(batch) * int(block) if batch is not None and block is not None else None,
                 baseline=params.get("baseline"),
                 metrics=set(r.data.metrics),
             )
@@ -161,21 +161,22 @@ def per_run(runs: Runs, metric: str = "val_loss", finished_only: bool = True) ->
     tokens_per_sec (final ``tokens_seen`` / final ``train_seconds``, the training loop's definition:
     evaluation and checkpoints excluded; NaN without ``train_seconds``), final/best ``metric``, perplexity."""
     lower = lower_is_better(metric)
-    frame = runs.frame[runs.frame.status == "FINISHED"] if finished_only else runs.frame
+    frame = runs.frame.loc[runs.frame.status == "FINISHED"] if finished_only else runs.frame
     rows = []
-    for r in frame.itertuples():
-        hist = runs.history(r.run_id, metric)
+    for r in frame.to_dict("records"):
+        run_id = r["run_id"]
+        hist = runs.history(run_id, metric)
         best = float(hist.value.min() if lower else hist.value.max()) if len(hist) else math.nan
-        tokens, seconds = _last(runs.history(r.run_id, "tokens_seen")), _last(runs.history(r.run_id, "train_seconds"))
-        val = _last(runs.history(r.run_id, "val_loss"))
-        start, end = runs.clock(r.run_id)
+        tokens, seconds = _last(runs.history(run_id, "tokens_seen")), _last(runs.history(run_id, "train_seconds"))
+        val = _last(runs.history(run_id, "val_loss"))
+        start, end = runs.clock(run_id)
         rows.append(
             {
-                "variant": r.variant,
-                "seed": r.seed,
-                "run_id": r.run_id,
-                "status": r.status,
-                "params": r.params,
+                "variant": r["variant"],
+                "seed": r["seed"],
+                "run_id": run_id,
+                "status": r["status"],
+                "params": r["params"],
                 "tokens": tokens,
                 "wall_s": (end - start) / 1000.0,
                 "tokens_per_sec": tokens / seconds if seconds > 0 else math.nan,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -39,7 +40,8 @@ def paired_p_value(diffs: ArrayLike) -> np.ndarray | float:
         return np.full(d.shape[:-1], np.nan)[()]
     with warnings.catch_warnings():  # scipy warns on (nearly) constant data; handled below
         warnings.simplefilter("ignore", RuntimeWarning)
-        p = stats.ttest_1samp(d, 0.0, axis=-1).pvalue
+        # scipy makes its result bunches at runtime: pyright sees no pvalue
+        p = stats.ttest_1samp(d, 0.0, axis=-1).pvalue  # pyright: ignore[reportAttributeAccessIssue]
     flat = np.ptp(d, axis=-1) == 0
     return np.where(flat, np.where(d[..., 0] == 0, 1.0, 0.0), p)[()]
 
@@ -84,4 +86,5 @@ def mdd(sd: float, n: int, level: float = ALPHA, power: float = POWER) -> float:
     high = 2 * crit + 4
     while reject(high) < 0:
         high *= 2
-    return float(optimize.brentq(reject, 0.0, high)) * sd / math.sqrt(n)
+    root = cast(float, optimize.brentq(reject, 0.0, high))  # without full_output: the root alone, not (root, info)
+    return root * sd / math.sqrt(n)

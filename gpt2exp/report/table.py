@@ -40,13 +40,15 @@ def comparison_table(
     if metric not in available:
         shown = [m for m in available if not m.startswith("system/")]
         raise ReportError(f"no run logged metric {metric!r}; available: {', '.join(shown) or 'none'}")
-    excluded = [f"{r.variant}/seed={r.seed}: {r.status}" for r in runs.frame.itertuples() if r.status != "FINISHED"]
+    excluded = [
+        f"{r['variant']}/seed={r['seed']}: {r['status']}" for r in runs.frame.to_dict("records") if r["status"] != "FINISHED"
+    ]
     per = per_run(runs, metric, finished_only)
     if per.empty:
         raise ReportError(
             f"experiment {runs.experiment!r}: no finished runs ({'; '.join(excluded)}); --include-unfinished to compare them anyway"
         )
-    per = per[per[f"final_{metric}"].notna()]
+    per = per.loc[per[f"final_{metric}"].notna()]
     if per.empty:
         raise ReportError(f"experiment {runs.experiment!r}: no finished run logged {metric!r}")
     variants = [v for v in runs.variants if v in set(per.variant)]
@@ -56,11 +58,11 @@ def comparison_table(
     lower = lower_is_better(metric)
     multi = bool(per.groupby("variant").size().max() > 1)
     final = f"final_{metric}"
-    base = per[per.variant == baseline].set_index("seed")[final]
+    base = per.loc[per.variant == baseline].set_index("seed")[final]
     measured = ["params", "tokens", "wall_s", "tokens_per_sec", final, f"best_{metric}", "perplexity"]
     rows, diffs = [], []
     for name in variants:
-        group = per[per.variant == name]
+        group = per.loc[per.variant == name]
         row: dict[str, Any] = {"variant": name, "n_seeds": len(group)}
         for col in measured:
             mean, ci, _ = mean_ci(group[col])
@@ -83,7 +85,7 @@ def comparison_table(
     if table.params.notna().all():
         table["params"] = table.params.round().astype(int)
     compared = (table.variant != baseline).to_numpy()
-    table["p_value"] = np.where(compared, [paired_p_value(d) for d in diffs], math.nan)
+    table["p_value"] = np.where(compared, [float(paired_p_value(d)) for d in diffs], math.nan)  # 1-D d: one p each
     table["p_adjusted"] = holm(table.p_value)  # the baseline's NaN is left out of the family
     m = int(table.p_value.notna().sum())
     level = ALPHA / max(m, 1)  # the strictest Holm level: detectable even as the family's smallest p
@@ -92,8 +94,8 @@ def comparison_table(
         for d, c in zip(diffs, compared, strict=True)
     ]
     table["verdict"] = [
-        verdict(r.delta, r.p_adjusted, r.n_paired, lower) if c else "baseline"
-        for r, c in zip(table.itertuples(), compared, strict=True)
+        verdict(r["delta"], r["p_adjusted"], r["n_paired"], lower) if c else "baseline"
+        for r, c in zip(table.to_dict("records"), compared, strict=True)
     ]
     note = None
     if m == 0 and compared.any():  # no test was possible: say why and how to get one
@@ -178,7 +180,7 @@ def summary_frame(table: pd.DataFrame) -> pd.DataFrame:
     a = table.attrs
     shown = display_frame(table)
     columns = ["variant", f"final {a['metric']}", f"Δ {a['metric']} vs {a['baseline']}", "p Holm", "verdict"]
-    return shown[[c for c in columns if c in shown.columns]]
+    return shown.loc[:, [c for c in columns if c in shown.columns]]
 
 
 def notes(table: pd.DataFrame) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 from gpt2exp.model import GPT
 from gpt2exp.training.checkpoint import MODEL_SPEC, WEIGHTS, load_final
@@ -23,7 +24,7 @@ DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.8, "top
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # stored in the model as plain source
 
 
-class GPTPyfunc(mlflow.pyfunc.PythonModel):
+class GPTPyfunc(PythonModel):
     """Text in, text out; built by ``pyfunc_model.py`` when MLflow loads the model."""
 
     def load_context(self, context: Any) -> None:
@@ -32,7 +33,8 @@ class GPTPyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_final(Path(context.artifacts["weights"]).parent).eval()
         self.tokenizer = get_tokenizer()
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+    # MLflow's abstract predict has no return annotation: pyright infers None
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:  # pyright: ignore[reportIncompatibleMethodOverride]
         return generate_text(self.model, self.tokenizer, list(model_input["prompt"]), **{**DEFAULT_PARAMS, **(params or {})})
 
 

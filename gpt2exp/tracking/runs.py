@@ -21,7 +21,8 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.utils.async_logging.run_operations import RunOperations
 
 from gpt2exp.lock import exclusive
@@ -181,7 +182,7 @@ class ExperimentTracker:
                     if run.info.lifecycle_stage == "active":
                         self.client.update_run(run.info.run_id, status="RUNNING")
                         return run.info.run_id
-                except mlflow.exceptions.MlflowException:
+                except MlflowException:
                     pass
         all_tags = tags | ({"mlflow.parentRunId": parent} if parent else {})
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
@@ -197,7 +198,7 @@ class ExperimentTracker:
             self.client.set_tag(run_id, VARIANT_INDEX, str(self.order[variant]))
         if not self.client.get_run(run_id).data.params:
             params = flatten(spec.model_dump(mode="json", exclude={"variants", "grid"})) | {k: str(v) for k, v in facts.items()}
-            items = [mlflow.entities.Param(k, v) for k, v in params.items()]
+            items = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(run_id, params=items[i : i + 100])
             self.client.log_dict(run_id, spec.model_dump(mode="json", exclude={"variants", "grid"}), "spec.yaml")
@@ -265,7 +266,7 @@ class RunLogger:
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params known only once the model is built (logged again, unchanged, on a resume)."""
-        items = [mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+        items = [Param(k, str(v)) for k, v in params.items()]
         self.client.log_batch(self.ref.run_id, params=items, synchronous=False)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -275,14 +276,16 @@ class RunLogger:
             return
         now = int(time.time() * 1000)
         self.sent = [Metric(k, float(record[k]), now, step) for k in METRICS if record.get(k) is not None]
-        self.pending.append(self.client.log_batch(self.ref.run_id, metrics=self.sent, synchronous=False))
+        operations = self.client.log_batch(self.ref.run_id, metrics=self.sent, synchronous=False)
+        assert operations is not None  # synchronous=False: the batch's pending operations
+        self.pending.append(operations)
         self.logged.add(step)
 
     def flush(self) -> None:
         """Wait until every record sent is stored (MLflow reports one that fails): called before a checkpoint
         commits, so that a resume from it finds every step up to it in the run."""
         for operations in self.pending:
-            with contextlib.suppress(mlflow.exceptions.MlflowException):
+            with contextlib.suppress(MlflowException):
                 operations.wait()
         self.pending.clear()
 
