@@ -321,8 +321,33 @@ class RunLogger:
         """Store what was sent, stop the system metrics and end the run with ``status``: by default as
         :func:`end_status` of the exception being raised, if any (a ``finally`` closes it). The driver sets
         the job's status afterwards: it knows about restarts and divergence."""
+        failing = sys.exc_info()[1]
         with using(self.ref.uri):  # the run's store: the default one would be a new mlflow.db in the cwd
-            mlflow.flush_async_logging()
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == self.ref.run_id:
-                mlflow.end_run(status or end_status(sys.exc_info()[1]))
+            try:
+                mlflow.flush_async_logging()
+            finally:
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == self.ref.run_id:
+                    with _store_errors_quiet(self.ref.run_id if failing is not None else None):
+                        mlflow.end_run(status or end_status(failing))
+
+
+@contextlib.contextmanager
+def _store_errors_quiet(run_id: str | None) -> Iterator[None]:
+    """While a run is failing, a store that fails too (the full disk that failed the run) must not bury the run's
+    one-line error under MLflow's logged traceback: its error is dropped (the driver records the final status) and
+    the run's system-metrics sampler, which ``end_run`` stops only after the store answered, is stopped here."""
+    if run_id is None:
+        yield
+        return
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    level, db_log.level = db_log.level, logging.CRITICAL
+    try:
+        yield
+    except MlflowException:
+        from mlflow.tracking import fluent
+
+        if (monitor := getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run_id, None)) is not None:
+            monitor.finish()
+    finally:
+        db_log.setLevel(level)
