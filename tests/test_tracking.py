@@ -460,3 +460,15 @@ def test_evaluate_scores_unseen_text(tracked: tuple[object, MlflowClient], corpu
     assert proc.returncode == 0, proc.stderr
     loss = float(proc.stdout.split("loss ")[1].split()[0])
     assert 4.0 < loss < math.log(50257) and "tokens scored" in proc.stdout
+
+
+def test_log_checkpoints_false_logs_the_final_model_only(corpus: Path, tmp_path: Path) -> None:
+    """``tracking.log_checkpoints: false``: no checkpoint logged models, the final model all the same."""
+    raw = tiny(corpus, log_checkpoints=False) | {"variants": [{"name": "mha", "set": {}}]}
+    raw["train"] |= {"seeds": [1]}
+    results = run_plan(make_plan(validate_spec(raw), tmp_path / "out", show_progress=False), "local", show_progress=False).runs
+    assert results.status.tolist() == ["completed"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("trk")
+    models = client.search_logged_models([exp.experiment_id])
+    assert [m.name for m in models] == ["model"]  # checkpoints were written (a resume uses them) but not logged

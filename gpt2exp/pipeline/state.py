@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from gpt2exp.pipeline.spec import Stage
-from gpt2exp.tracking.runs import experiment_id, flatten
+from gpt2exp.tracking.runs import experiment_id, flatten, store_lock
 
 TAG = "gpt2exp.stage."
 PIPELINE_TAG = "gpt2exp.pipeline"
@@ -63,13 +63,14 @@ class PipelineRun:
     @classmethod
     def open(cls, uri: str, name: str, output: Path, new: bool = False, spec: dict[str, Any] | None = None) -> PipelineRun:
         """The pipeline's latest run in the store (``new``: a fresh one), marked running."""
-        run = None if new else cls.find(uri, name)
-        client = MlflowClient(uri)
-        if run is None:
-            exp_id = experiment_id(client, EXPERIMENT.format(name=name), output)
-            run = cls(client, client.create_run(exp_id, run_name=name, tags={PIPELINE_TAG: name}).info.run_id)
-        else:
-            client.update_run(run.run_id, status="RUNNING")
+        with store_lock(uri):  # a new SQLite store is made here: by one process at a time
+            run = None if new else cls.find(uri, name)
+            client = MlflowClient(uri)
+            if run is None:
+                exp_id = experiment_id(client, EXPERIMENT.format(name=name), output)
+                run = cls(client, client.create_run(exp_id, run_name=name, tags={PIPELINE_TAG: name}).info.run_id)
+            else:
+                client.update_run(run.run_id, status="RUNNING")
         if spec is not None:
             client.log_dict(run.run_id, spec, "pipeline.yaml")
         return run

@@ -171,7 +171,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
             where = session.checkpoint(
                 lambda folder, state=state: write_state(folder, raw, optimizer, state), {**last, "step": done}
             )
-            if logger is not None:  # committed (under Ray: reported)
+            if logger is not None and spec.tracking.log_checkpoints:  # committed (under Ray: reported)
                 logger.checkpoint(done, where)
         if log_due or checkpoint_due:
             clock = time.perf_counter()  # evaluation and checkpoint time is not training time
