@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -58,7 +57,8 @@ class ExperimentResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the figures and references a script or notebook needs next."""
-        plain = lambda v: None if isinstance(v, float) and math.isnan(v) else getattr(v, "item", lambda: v)()  # numpy -> Python
+        from gpt2exp.report.render import plain
+
         rows = [{k: plain(v) for k, v in row.items()} for row in self.runs.to_dict("records")]
         best = self.best
         return {
@@ -74,6 +74,7 @@ class ExperimentResult:
             "registered": self.registered,
             "report": None if self.report is None else str(self.report),
             "comparison": None if self.comparison is None else json.loads(_comparison_json(self.comparison)),
+            "notes": self.notes,
         }
 
 

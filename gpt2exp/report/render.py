@@ -33,7 +33,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """A JSON-ready scalar: numpy numbers as Python ones (exact repr), NaN as None."""
     if hasattr(value, "item"):
         value = value.item()
@@ -45,7 +45,7 @@ def to_json(table: pd.DataFrame) -> str:
     "excluded"}``: full precision, NaN as null; ``note`` says why there is no verdict (null when there are)."""
     keys = ("experiment", "parent_run_id", "metric", "baseline", "lower_is_better", "note")
     meta = {k: table.attrs.get(k) for k in keys}
-    rows = [{k: _plain(v) for k, v in rec.items()} for rec in table.to_dict("records")]
+    rows = [{k: plain(v) for k, v in rec.items()} for rec in table.to_dict("records")]
     return json.dumps({**meta, "rows": rows, "excluded": table.attrs.get("excluded", [])}, indent=1) + "\n"
 
 
