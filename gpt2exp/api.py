@@ -23,17 +23,12 @@ if TYPE_CHECKING:
 def _spec(spec: str | Path | dict[str, Any] | ExperimentSpec, overrides: list[str] | None) -> ExperimentSpec:
     import copy
 
-    from gpt2exp.spec import ExperimentSpec, SpecError, load_spec, parse_overrides, set_dotted, validate_spec
+    from gpt2exp.spec import ExperimentSpec, load_spec, override_and_validate
 
     if isinstance(spec, str | Path):
         return load_spec(spec, overrides or [])
     raw = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, ExperimentSpec) else copy.deepcopy(spec)
-    try:
-        for key, value in parse_overrides(overrides or []).items():
-            set_dotted(raw, key, value)
-    except ValueError as e:
-        raise SpecError([("overrides", str(e))], "<python>") from None
-    return validate_spec(raw, "<python>")
+    return override_and_validate(raw, overrides or [], "<python>", what="overrides")
 
 
 def run(

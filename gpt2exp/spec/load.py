@@ -137,14 +137,20 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
 def load_spec(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ExperimentSpec:
     """Read, override (``a.b=value`` strings or a dict) and validate a spec, variants included."""
     path = Path(path)
-    raw = read_yaml(path, "a spec is a YAML mapping with name, data, model, train, ...")
+    return override_and_validate(read_yaml(path, "a spec is a YAML mapping with name, data, model, train, ..."), overrides, path)
+
+
+def override_and_validate(
+    raw: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any] = (), file: str | Path | None = None, what: str = "--set"
+) -> ExperimentSpec:
+    """Apply dotted overrides to a raw spec mapping (in place) and validate it; a bad override is a ``what`` problem."""
     try:
         ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in ov.items():
             set_dotted(raw, key, value)
     except ValueError as e:
-        raise SpecError([("--set", str(e))], path) from None
-    return validate_spec(raw, path)
+        raise SpecError([(what, str(e))], file) from None
+    return validate_spec(raw, file)
 
 
 def validate_spec(raw: dict[str, Any], file: str | Path | None = None) -> ExperimentSpec:
