@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpt2exp.model import GPT, KVCache
+from gpt2exp.model.gpt import ContextTooLong
 from gpt2exp.model.positional import alibi_slopes
 from gpt2exp.spec import ModelSpec
 
@@ -190,10 +191,23 @@ def test_causality(n_kv_head: int, positional: str, window: int | None) -> None:
             assert (logits[:, t] - base[:, t]).abs().max() > 1e-6, f"token {t} does not affect its own logits"
 
 
-def test_sequence_longer_than_block_is_rejected() -> None:
-    model = tiny(block_size=16)
-    with pytest.raises(ValueError, match="longer than block_size=16"):
+def test_learned_positions_reject_a_sequence_longer_than_block() -> None:
+    model = tiny(positional="learned", block_size=16)
+    assert model.max_context == 16
+    with pytest.raises(ContextTooLong, match="longer than the 16 positions a model with learned positions has"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "rope", "alibi", "none"])
+def test_positions_that_are_functions_extend_past_block(positional: str) -> None:
+    """A model trained at block 16 scores 40 tokens as the same weights built for block 64 do."""
+    short = randomize_(tiny(2, positional, block_size=16)).double().eval()
+    long = tiny(2, positional, block_size=64).double().eval()
+    long.load_state_dict(short.state_dict())
+    assert short.max_context is None
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(short(idx)[0], long(idx)[0], rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------- sliding window
@@ -292,7 +306,7 @@ def test_kv_cache_chunked_prefill(n_kv_head: int, positional: str, window: int |
         parts = [model.hidden_states(idx[:, a:b], cache) for a, b in ((0, 10), (10, 11), (11, 25), (25, 32))]
     assert cache.pos == 32
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="longer than block_size"):
+    with pytest.raises(ValueError, match="longer than"):
         model.hidden_states(idx[:, :1], cache)
 
 

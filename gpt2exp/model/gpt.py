@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt2exp.errors import INPUT, Gpt2expError
 from gpt2exp.model.attention import CausalSelfAttention, KVCache, attention_mask
 from gpt2exp.model.positional import rope_cache, sinusoidal_table
 from gpt2exp.spec import ModelSpec
 
 INIT_STD = 0.02  # GPT-2's standard deviation for weights and embeddings
+
+
+class ContextTooLong(Gpt2expError, ValueError):
+    """A sequence longer than a model with learned positions can take."""
+
+    code = INPUT
 
 
 def param_generator(seed: int, name: str) -> torch.Generator:
@@ -123,15 +130,25 @@ class GPT(nn.Module):
         """Final-LayerNorm activations (B, T, n_embd) of tokens idx (B, T), continuing ``cache``."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
-        if start + T > self.spec.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.spec.block_size}")
+        if (limit := self.max_context) is not None and start + T > limit:
+            raise ContextTooLong(
+                f"{start + T} tokens is longer than the {limit} positions a model with learned positions has "
+                f"(block_size={limit}); give at most {limit} tokens of context"
+            )
+        if cache is not None and start + T > cache.block_size:
+            raise ValueError(f"{start + T} tokens is longer than the cache's {cache.block_size} positions")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.spec.positional == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         elif self.spec.positional == "sinusoidal":
-            x = x + (self.pos_scale * self.pos_table[start : start + T]).to(x.dtype)
+            x = x + (self.pos_scale * self._positions(self.pos_table, start, T, sinusoidal_table, self.spec.n_embd)).to(x.dtype)
         x = self.transformer.drop(x)
-        rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T]) if self.spec.positional == "rope" else None
+        rope = None
+        if self.spec.positional == "rope":
+            hs, theta = self.spec.head_size, self.spec.rope_theta
+            cos = self._positions(self.rope_cos, start, T, lambda n, _: rope_cache(n, hs, theta)[0], hs)
+            sin = self._positions(self.rope_sin, start, T, lambda n, _: rope_cache(n, hs, theta)[1], hs)
+            rope = (cos, sin)
         mask = attention_mask(self.spec, start, T, idx.device)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(x.dtype)
@@ -140,6 +157,20 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest sequence the model takes: block_size with learned positions (a table of that
+        length), else None: sinusoidal, RoPE, ALiBi and no positions are functions of position, so
+        they extend past the trained length (how well they do there is what long-context evaluation measures)."""
+        return self.spec.block_size if self.spec.positional == "learned" else None
+
+    @staticmethod
+    def _positions(table: Tensor, start: int, T: int, make: Callable[[int, int], Tensor], width: int) -> Tensor:
+        """Rows start..start+T of a position table (n, width), computed past its end when needed."""
+        if start + T <= table.size(0):
+            return table[start : start + T]
+        return make(start + T, width)[start:].to(table.device)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T; -1 ignored), the mean cross-entropy."""
