@@ -18,6 +18,7 @@ from gpt2exp.tracking.pyfunc import load_model
 from gpt2exp.training.checkpoint import save_final
 
 PROMPT, NEW, SEED = "ROMEO:", 24, 3
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

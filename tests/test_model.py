@@ -5,7 +5,6 @@ here (explicit repeat_interleave of k/v, explicit masked softmax, RoPE and ALiBi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ N_HEAD = 4
 ATTENTION = {"mha": N_HEAD, "gqa": 2, "mqa": 1}  # name -> n_kv_head
 POSITIONALS = ("learned", "sinusoidal", "rope", "alibi", "none")
 WINDOWS = (None, 8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = [
     pytest.param(kv, pos, w, id=f"{name}-{pos}-{'sw' + str(w) if w else 'full'}")
     for name, kv in ATTENTION.items()
@@ -68,16 +68,6 @@ def randomize_(model: GPT, std: float = 0.3, seed: int = 1) -> GPT:
             noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * std
             p.copy_(1.0 + noise if "ln_" in name and name.endswith("weight") else noise)
     return model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that
-    wait for each other make every small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- reference model

@@ -332,6 +332,8 @@ def test_pyfunc_generates_text_and_the_registered_best_resolves(tracked: tuple[o
     model, tokenizer = pyfunc.unwrap_python_model().model, get_tokenizer()  # the signature declares context: it is honoured
     short = pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 6, "temperature": 0.0, "context": 2})
     assert short[0] == generate_text(model, tokenizer, ["ROMEO:"], 6, 0.0, None, None, 0, context=2)[0]
+    with pytest.raises(ValueError, match="context must be at least 1 token, not 0"):  # it reaches the model
+        pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 1, "context": 0})
 
 
 def _free_port() -> int:

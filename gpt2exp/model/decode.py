@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from gpt2exp.errors import INPUT, Gpt2expError
 from gpt2exp.model.attention import KVCache
 
 if TYPE_CHECKING:
@@ -32,24 +33,30 @@ if TYPE_CHECKING:
 RELATIVE = ("rope", "alibi", "none")  # positional kinds whose attention depends on distances only
 
 
+class EmptyContext(Gpt2expError, ValueError):
+    """A generation context of no tokens."""
+
+    code = INPUT
+
+
 class Decoder:
-    """Next-token logits of sequences idx (B, T) that grow one token at a time."""
+    """Next-token logits of sequences idx (B, T) that grow one token at a time: ``logits()``, then
+    ``append()`` the chosen tokens, and again."""
 
     def __init__(self, model: GPT, idx: Tensor, max_new_tokens: int, context: int | None = None, use_cache: bool = True):
         s = model.spec
         self.model, self.idx, self.use_cache = model, idx, use_cache
         self.context = s.block_size if context is None else context
         if self.context < 1:
-            raise ValueError(f"context must be at least 1 token, not {self.context}")
+            raise EmptyContext(f"context must be at least 1 token, not {self.context}")
         model.check_context(self.context)
         self.relative = s.positional in RELATIVE
         self.window = min(self.context, s.sliding_window or self.context)  # keys a query attends to
-        # relative: the next logits depend on the last L(window-1)+1 tokens only (the receptive field)
+        # the tokens the next logits depend on: relative, the receptive field of L layers; absolute, the context
         self.reach = s.n_layer * (self.window - 1) + 1 if self.relative else self.context
         self.start = max(0, idx.size(1) - self.reach)  # the first token in view
         self.capacity = min(self.window, idx.size(1) - self.start + max_new_tokens)  # never more slots than tokens
         self.cache: KVCache | None = None
-        self.prefills = 0  # times the cache was (re)built from a window of tokens
 
     def logits(self) -> Tensor:
         """Logits (B, vocab) of the token after the current sequences."""
@@ -58,9 +65,8 @@ class Decoder:
         if not self.use_cache:
             h = model.hidden_states(x, start=offset, window=self.window)
         elif self.cache is None:
-            self.cache, self.prefills = KVCache(model.spec.n_layer, self.capacity, offset), self.prefills + 1
-            cache = self.cache  # in chunks: masks of at most (capacity, 2 capacity)
-            h = [model.hidden_states(chunk, cache) for chunk in x.split(self.capacity, dim=1)][-1]
+            cache = self.cache = KVCache(model.spec.n_layer, self.capacity, offset)
+            h = [model.hidden_states(chunk, cache) for chunk in x.split(self.capacity, dim=1)][-1]  # masks ≤ (cap, 2 cap)
         else:
             h = model.hidden_states(x[:, -1:], self.cache)
         return model.lm_head(h[:, -1])  # (B, V)
