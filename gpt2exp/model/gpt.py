@@ -197,7 +197,8 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         context: int | None = None,
     ) -> Tensor:
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens (B, T + n); temperature 0 is greedy."""
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens (B, T + n), each attending to at most the
+        last ``context`` tokens (see ``stream``); temperature 0 is greedy."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos, use_cache, generator, context))
         return torch.cat([idx, *new], dim=1)
 
