@@ -1,6 +1,7 @@
 """Shared test fixtures: the read-only ``../shared`` folder (tokenizer cache, corpus)."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,15 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         del os.environ["GPT2EXP_CACHE"]
     else:
         os.environ["GPT2EXP_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny models: they gain nothing from more, and on a busy
+    machine OpenMP threads that wait for each other make every small op many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

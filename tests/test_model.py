@@ -5,7 +5,6 @@ here (explicit repeat_interleave of k/v, explicit masked softmax, RoPE and ALiBi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpt2exp.model import GPT, KVCache
+from gpt2exp.model.decode import Decoder
 from gpt2exp.model.gpt import ContextTooLong
 from gpt2exp.model.positional import alibi_slopes
 from gpt2exp.spec import ModelSpec
@@ -22,6 +22,7 @@ N_HEAD = 4
 ATTENTION = {"mha": N_HEAD, "gqa": 2, "mqa": 1}  # name -> n_kv_head
 POSITIONALS = ("learned", "sinusoidal", "rope", "alibi", "none")
 WINDOWS = (None, 8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = [
     pytest.param(kv, pos, w, id=f"{name}-{pos}-{'sw' + str(w) if w else 'full'}")
     for name, kv in ATTENTION.items()
@@ -67,16 +68,6 @@ def randomize_(model: GPT, std: float = 0.3, seed: int = 1) -> GPT:
             noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * std
             p.copy_(1.0 + noise if "ln_" in name and name.endswith("weight") else noise)
     return model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that
-    wait for each other make every small op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- reference model
@@ -284,39 +275,103 @@ def test_alibi_slopes() -> None:
 
 # --------------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("n_kv_head, positional, window", VARIANTS)
-def test_kv_cache_greedy_equals_uncached(n_kv_head: int, positional: str, window: int | None) -> None:
-    """Past block_size the cache is rebuilt from the last block; both paths must agree token for token."""
+def test_cached_and_uncached_generation_agree_far_past_block(n_kv_head: int, positional: str, window: int | None) -> None:
+    """Block 16, a 5-token prompt, 50 new tokens: the cache rolls (relative positions) or the window slides
+    and is re-encoded (absolute ones) many times, and at every step both paths give the same logits."""
     model = randomize_(tiny(n_kv_head, positional, window, block_size=16), std=0.1).double().eval()
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
-    cached = model.generate(prompt, 24, temperature=0, use_cache=True)
-    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
-    assert cached.shape == (2, 29)
-    assert torch.equal(cached[:, :5], prompt)
-    assert torch.equal(cached, uncached)
+    cached, uncached = Decoder(model, prompt, 50), Decoder(model, prompt, 50, use_cache=False)
+    with torch.no_grad():
+        for step in range(50):
+            logits = cached.logits()
+            torch.testing.assert_close(logits, uncached.logits(), rtol=1e-9, atol=1e-9, msg=f"step {step}")
+            nxt = logits.argmax(-1, keepdim=True)
+            cached.append(nxt)
+            uncached.append(nxt)
+    out = model.generate(prompt, 50, temperature=0)
+    assert out.shape == (2, 55) and torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, cached.idx) and torch.equal(model.generate(prompt, 50, temperature=0, use_cache=False), out)
+
+
+@pytest.mark.parametrize("positional, window", [(p, w) for p in POSITIONALS for w in WINDOWS])
+def test_tokens_fed_per_step(positional: str, window: int | None) -> None:
+    """After the prefill a relative model feeds one token per step for good, into a cache of
+    min(context, window) slots; an absolute one re-prefills half its context once per context/2 + 1 tokens."""
+    model = tiny(2, positional, window, block_size=16).eval()
+    fed: list[int] = []
+    model.transformer.wte.register_forward_hook(lambda _m, args, _out: fed.append(args[0].size(1)))
+    model.generate(torch.zeros(1, 5, dtype=torch.long), 50, temperature=0)
+    assert len(fed) == 50
+    if positional in ("rope", "alibi", "none"):
+        assert fed == [5] + [1] * 49
+    else:  # the window [start, T) reaches 17 tokens at T = 17, 26, 35, 44, 53 and keeps its last 8
+        assert [n for n in fed if n > 1] == [5, 8, 8, 8, 8, 8] and len(fed) == 50
+    decoder = Decoder(model, torch.zeros(1, 5, dtype=torch.long), 50)
+    decoder.logits()
+    assert decoder.cache is not None and decoder.cache.capacity == (window or 16)
+    assert decoder.cache.k[0] is not None and decoder.cache.k[0].shape == (1, 2, window or 16, 16)  # a window of 8 keeps 8
+
+
+@pytest.mark.parametrize("positional", ["rope", "alibi", "none"])
+def test_relative_context_is_a_sliding_window(positional: str) -> None:
+    """With relative positions, generating with context 6 is generating with a sliding window of 6."""
+    full = randomize_(tiny(2, positional, block_size=16), std=0.1).double().eval()
+    windowed = tiny(2, positional, 6, block_size=16).double().eval()
+    windowed.load_state_dict(full.state_dict())
+    prompt = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    out = full.generate(prompt, 30, temperature=0, context=6)
+    assert torch.equal(out, windowed.generate(prompt, 30, temperature=0))
+    assert not torch.equal(out, full.generate(prompt, 30, temperature=0))  # the default context, 16, differs
 
 
 @pytest.mark.parametrize("n_kv_head, positional, window", VARIANTS)
-def test_kv_cache_chunked_prefill(n_kv_head: int, positional: str, window: int | None) -> None:
-    """Feeding a sequence in chunks through the cache gives the hidden states of one full pass."""
+def test_kv_cache_chunked_prefill_and_rolling(n_kv_head: int, positional: str, window: int | None) -> None:
+    """Feeding a sequence in chunks through the cache gives the hidden states of one full pass; a cache
+    of 12 slots rolls and gives those of attention to the last 12 positions."""
     model = randomize_(tiny(n_kv_head, positional, window)).double().eval()
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    chunks = ((0, 10), (10, 11), (11, 25), (25, 26), (26, 32))
     with torch.no_grad():
-        full = model.hidden_states(idx)
-        cache = KVCache(model.spec.n_layer, model.spec.block_size)
-        parts = [model.hidden_states(idx[:, a:b], cache) for a, b in ((0, 10), (10, 11), (11, 25), (25, 32))]
-    assert cache.pos == 32
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="longer than"):
-        model.hidden_states(idx[:, :1], cache)
+        cache = KVCache(model.spec.n_layer, 32)
+        parts = [model.hidden_states(idx[:, a:b], cache) for a, b in chunks]
+        torch.testing.assert_close(torch.cat(parts, dim=1), model.hidden_states(idx), rtol=1e-10, atol=1e-10)
+        cache = KVCache(model.spec.n_layer, 12)
+        parts = [model.hidden_states(idx[:, a:b], cache) for a, b in chunks]
+        torch.testing.assert_close(torch.cat(parts, dim=1), model.hidden_states(idx, window=12), rtol=1e-10, atol=1e-10)
+    # the next token (32) overwrites the oldest, 20: the last 12 positions in slot order
+    assert cache.pos == 32 and cache.key_positions(1, idx.device).tolist() == [24, 25, 26, 27, 28, 29, 30, 31, 32, 21, 22, 23]
 
 
-def test_generate_from_prompt_longer_than_block() -> None:
-    model = randomize_(tiny(2, "rope", 8, block_size=16), std=0.1).double().eval()
-    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
-    out = model.generate(prompt, 6, temperature=0, use_cache=True)
-    assert torch.equal(out, model.generate(prompt, 6, temperature=0, use_cache=False))
-    first = model(prompt[:, -16:])[0][:, -1].argmax(-1)  # the first token sees only the last block
-    assert out[0, 20] == first
+@pytest.mark.parametrize("positional", POSITIONALS)
+def test_first_token_after_a_prompt_longer_than_context(positional: str) -> None:
+    """Absolute positions: the first token sees the last 16 tokens, encoded from position 0. Relative
+    ones: every layer attends to the last 16 positions of the whole prompt, at its own positions."""
+    model = randomize_(tiny(2, positional, block_size=16), std=0.1).double().eval()
+    prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    out = model.generate(prompt, 1, temperature=0)
+    with torch.no_grad():
+        if positional in ("learned", "sinusoidal"):
+            expected = model(prompt[:, -16:])[0][:, -1].argmax(-1)
+        else:
+            expected = model.lm_head(model.hidden_states(prompt, window=16))[:, -1].argmax(-1)
+    assert out[0, 40] == expected
+    assert torch.equal(out, model.generate(prompt, 1, temperature=0, use_cache=False))
+
+
+def test_generation_context_limits() -> None:
+    learned = tiny(positional="learned", block_size=16)
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ContextTooLong, match=r"17 tokens is longer than the 16 positions .* give at most 16 tokens of context"):
+        learned.generate(prompt, 2, context=17)
+    with pytest.raises(ValueError, match="context must be at least 1 token, not 0"):
+        learned.generate(prompt, 2, context=0)
+    assert learned.generate(prompt, 2, context=1).shape == (1, 5)
+    # sinusoidal positions extend: a context past block_size encodes positions up to context - 1
+    sinusoidal = randomize_(tiny(2, "sinusoidal", block_size=16), std=0.1).double().eval()
+    long = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    out = sinusoidal.generate(long, 1, temperature=0, context=24)
+    with torch.no_grad():
+        assert out[0, 30] == sinusoidal(long[:, -24:])[0][:, -1].argmax(-1)
 
 
 # --------------------------------------------------------------------------- initialisation

@@ -29,7 +29,7 @@ from gpt2exp.launch.plan import make_plan
 from gpt2exp.launch.runner import run_plan, track
 from gpt2exp.spec import validate_spec
 from gpt2exp.tracking.dataset import dataset_input
-from gpt2exp.tracking.pyfunc import load_model
+from gpt2exp.tracking.pyfunc import generate_text, load_model
 from gpt2exp.tracking.runs import SAMPLING_ENV, RunLogger, RunRef, experiment_id, using
 from gpt2exp.training.checkpoint import load_final
 
@@ -329,6 +329,11 @@ def test_pyfunc_generates_text_and_the_registered_best_resolves(tracked: tuple[o
     assert len(out) == 2 and all(isinstance(t, str) and t for t in out)
     again = pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 6, "temperature": 0.0})
     assert again[0] == out[0]  # greedy is deterministic
+    model, tokenizer = pyfunc.unwrap_python_model().model, get_tokenizer()  # the signature declares context: it is honoured
+    short = pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 6, "temperature": 0.0, "context": 2})
+    assert short[0] == generate_text(model, tokenizer, ["ROMEO:"], 6, 0.0, None, None, 0, context=2)[0]
+    with pytest.raises(ValueError, match="context must be at least 1 token, not 0"):  # it reaches the model
+        pyfunc.predict(pd.DataFrame({"prompt": ["ROMEO:"]}), params={"max_new_tokens": 1, "context": 0})
 
 
 def _free_port() -> int:

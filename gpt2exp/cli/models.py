@@ -65,6 +65,9 @@ def generate(
     top_k: Annotated[int | None, typer.Option(min=1)] = 200,
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     seed: Annotated[int, typer.Option()] = 1337,
+    context: Annotated[
+        int | None, typer.Option(min=1, help="Attend to at most this many tokens (default: the block size).")
+    ] = None,
     output: OutputOpt = Path("outputs"),
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
@@ -74,12 +77,13 @@ def generate(
     from gpt2exp.data import EOT
 
     model, enc = open_model(model_uri, pretrained, output, tracking_uri)
+    model.check_context(context or 0)  # before the prompt is echoed: ContextTooLong, one line
     idx = torch.tensor([enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]])  # "": from a document start
     gen = torch.Generator().manual_seed(seed)
     sys.stdout.write(prompt)
     new: list[int] = []
     shown = 0
-    for tok in model.stream(idx, max_new_tokens, temperature, top_k, top_p, eos=EOT, generator=gen):
+    for tok in model.stream(idx, max_new_tokens, temperature, top_k, top_p, eos=EOT, generator=gen, context=context):
         if tok.item() == EOT:
             break
         new.append(int(tok.item()))

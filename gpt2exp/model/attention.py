@@ -13,44 +13,68 @@ from gpt2exp.spec import ModelSpec
 
 
 class KVCache:
-    """Keys and values of every layer for generation: each (B, n_kv_head, block_size, hs), filled
-    up to ``pos``. Allocated on first write with the dtype and device of the keys."""
+    """Keys and values of every layer for generation, each (B, n_kv_head, capacity, hs): a rolling buffer
+    in which the token at position p lives in slot (p - start) % capacity, so once it is full each new
+    token overwrites the oldest. Attention through a cache sees at most its last ``capacity`` tokens (a
+    sliding window that wide). ``pos`` is the position of the next token; a cache may start past 0 to
+    continue a sequence whose beginning it never saw. Allocated on first write with the keys' dtype and device."""
 
-    def __init__(self, n_layer: int, block_size: int) -> None:
-        self.block_size, self.pos = block_size, 0
+    def __init__(self, n_layer: int, capacity: int, pos: int = 0) -> None:
+        self.capacity, self.start, self.pos = capacity, pos, pos
         self.k: list[Tensor | None] = [None] * n_layer
         self.v: list[Tensor | None] = [None] * n_layer
 
+    def key_positions(self, T: int, device: torch.device) -> Tensor:
+        """Positions (S,) of the keys ``update`` returns when T tokens come in: the cached ones in slot
+        order, then the new ones (a single token is written in place, so it is among the slots)."""
+        n, cap = self.pos - self.start, self.capacity  # tokens seen so far
+        if T == 1:
+            slots = torch.arange(min(n + 1, cap), device=device)
+            return self.pos - (n - slots) % cap
+        slots = torch.arange(min(n, cap), device=device)
+        return torch.cat([self.pos - 1 - (n - 1 - slots) % cap, torch.arange(self.pos, self.pos + T, device=device)])
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, Hkv, T, hs) at positions pos..pos+T; return all keys/values so far."""
+        """Add k, v (B, Hkv, T, hs) at positions pos..pos+T; return the keys/values they attend to, at
+        ``key_positions(T)``: the cached ones, then the new ones."""
         B, Hkv, T, hs = k.shape
+        n, cap = self.pos - self.start, self.capacity
         keys, values = self.k[layer], self.v[layer]
         if keys is None or values is None:  # both, on the first write
-            keys = self.k[layer] = k.new_empty(B, Hkv, self.block_size, hs)
-            values = self.v[layer] = v.new_empty(B, Hkv, self.block_size, hs)
-        end = self.pos + T
-        keys[:, :, self.pos : end] = k
-        values[:, :, self.pos : end] = v
-        return keys[:, :, :end], values[:, :, :end]
+            keys = self.k[layer] = k.new_empty(B, Hkv, cap, hs)
+            values = self.v[layer] = v.new_empty(B, Hkv, cap, hs)
+        if T == 1:  # decoding: overwrite the oldest slot, attend to every filled one
+            keys[:, :, n % cap], values[:, :, n % cap] = k[:, :, 0], v[:, :, 0]
+            return keys[:, :, : min(n + 1, cap)], values[:, :, : min(n + 1, cap)]
+        old = min(n, cap)
+        all_k = torch.cat([keys[:, :, :old], k], dim=2) if old else k  # (B, Hkv, old + T, hs)
+        all_v = torch.cat([values[:, :, :old], v], dim=2) if old else v
+        kept = min(T, cap)  # the newest tokens, into their slots
+        slots = torch.arange(n + T - kept, n + T, device=k.device) % cap
+        keys.index_copy_(2, slots, k[:, :, T - kept :])
+        values.index_copy_(2, slots, v[:, :, T - kept :])
+        return all_k, all_v
 
 
-def attention_mask(spec: ModelSpec, start: int, T: int, device: torch.device) -> Tensor | None:
-    """What queries at positions start..start+T may see of keys 0..start+T.
+def attention_mask(spec: ModelSpec, start: int, T: int, keys: Tensor, window: int | None = None) -> Tensor | None:
+    """What queries at positions start..start+T may see of keys at positions ``keys`` (S,): the causal
+    past within the last ``window`` positions, or the spec's sliding window if narrower.
 
-    None when plain causal attention is exact (``is_causal`` for a fresh sequence, nothing for a
-    single cached query); else a bool mask (T, S), or for ALiBi an additive float bias (1, H, T, S).
+    None when plain causal attention is exact (``is_causal`` for a fresh sequence, nothing for a single
+    query) and no window cuts in; else a bool mask (T, S), or for ALiBi an additive float bias (1, H, T, S).
     """
-    if spec.positional != "alibi" and spec.sliding_window is None and (start == 0 or T == 1):
+    window = min((w for w in (window, spec.sliding_window) if w is not None), default=None)
+    S = keys.size(0)  # the keys are the last S positions: fresh (S == T) or the past of one query (T == 1)
+    if spec.positional != "alibi" and (S == T or T == 1) and (window is None or window >= S):
         return None
-    q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(start + T, device=device)[None, :]  # (1, S)
-    allowed = k_pos <= q_pos  # (T, S)
-    if spec.sliding_window is not None:
-        allowed &= q_pos - k_pos < spec.sliding_window
+    dist = torch.arange(start, start + T, device=keys.device)[:, None] - keys[None, :]  # (T, S) query - key position
+    allowed = dist >= 0
+    if window is not None:
+        allowed &= dist < window
     if spec.positional != "alibi":
         return allowed
-    slopes = alibi_slopes(spec.n_head).to(device)[:, None, None]  # (H, 1, 1)
-    bias = -slopes * (q_pos - k_pos).float()  # (H, T, S)
+    slopes = alibi_slopes(spec.n_head).to(keys.device)[:, None, None]  # (H, 1, 1)
+    bias = -slopes * dist.float()  # (H, T, S)
     return bias.masked_fill(~allowed, float("-inf"))[None]  # (1, H, T, S)
 
 

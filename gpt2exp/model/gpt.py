@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from gpt2exp.errors import INPUT, Gpt2expError
 from gpt2exp.model.attention import CausalSelfAttention, KVCache, attention_mask
+from gpt2exp.model.decode import Decoder
 from gpt2exp.model.positional import rope_cache, sinusoidal_table
 from gpt2exp.spec import ModelSpec
 
@@ -126,30 +127,31 @@ class GPT(nn.Module):
                 p.copy_(torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=param_generator(seed, name)))
 
     # ------------------------------------------------------------------------------- forward
-    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Final-LayerNorm activations (B, T, n_embd) of tokens idx (B, T), continuing ``cache``."""
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None, start: int = 0, window: int | None = None) -> Tensor:
+        """Final-LayerNorm activations (B, T, n_embd) of tokens idx (B, T) at positions start..start+T, each
+        attending to at most the last ``window`` positions (and the spec's sliding window). A ``cache``
+        gives both (its ``pos`` and ``capacity``) and keeps the keys and values for the next call."""
         T = idx.size(1)
-        start = cache.pos if cache is not None else 0
-        if (limit := self.max_context) is not None and start + T > limit:
-            raise ContextTooLong(
-                f"{start + T} tokens is longer than the {limit} positions a model with learned positions has "
-                f"(block_size={limit}); give at most {limit} tokens of context"
-            )
-        if cache is not None and start + T > cache.block_size:
-            raise ValueError(f"{start + T} tokens is longer than the cache's {cache.block_size} positions")
+        if cache is not None:
+            start, window = cache.pos, cache.capacity
+        self.check_context(start + T)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.spec.positional == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         elif self.spec.positional == "sinusoidal":
-            x = x + (self.pos_scale * self._positions(self.pos_table, start, T, sinusoidal_table, self.spec.n_embd)).to(x.dtype)
+            table = self.pos_table[start : start + T]
+            if start + T > self.pos_table.size(0):  # past the table's end
+                table = sinusoidal_table(T, self.spec.n_embd, start).to(idx.device)
+            x = x + (self.pos_scale * table).to(x.dtype)
         x = self.transformer.drop(x)
         rope = None
         if self.spec.positional == "rope":
-            hs, theta = self.spec.head_size, self.spec.rope_theta
-            cos = self._positions(self.rope_cos, start, T, lambda n, _: rope_cache(n, hs, theta)[0], hs)
-            sin = self._positions(self.rope_sin, start, T, lambda n, _: rope_cache(n, hs, theta)[1], hs)
-            rope = (cos, sin)
-        mask = attention_mask(self.spec, start, T, idx.device)
+            rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+            if start + T > self.rope_cos.size(0):  # past the table's end
+                cos, sin = rope_cache(T, self.spec.head_size, self.spec.rope_theta, start)
+                rope = cos.to(idx.device), sin.to(idx.device)
+        keys = cache.key_positions(T, idx.device) if cache is not None else torch.arange(start, start + T, device=idx.device)
+        mask = attention_mask(self.spec, start, T, keys, window)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(x.dtype)
         for block in self.transformer.h:
@@ -165,12 +167,13 @@ class GPT(nn.Module):
         they extend past the trained length (how well they do there is what long-context evaluation measures)."""
         return self.spec.block_size if self.spec.positional == "learned" else None
 
-    @staticmethod
-    def _positions(table: Tensor, start: int, T: int, make: Callable[[int, int], Tensor], width: int) -> Tensor:
-        """Rows start..start+T of a position table (n, width), computed past its end when needed."""
-        if start + T <= table.size(0):
-            return table[start : start + T]
-        return make(start + T, width)[start:].to(table.device)
+    def check_context(self, n: int) -> None:
+        """Raise ContextTooLong if n positions are more than the model has."""
+        if (limit := self.max_context) is not None and n > limit:
+            raise ContextTooLong(
+                f"{n} tokens is longer than the {limit} positions a model with learned positions has "
+                f"(block_size={limit}); give at most {limit} tokens of context"
+            )
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T; -1 ignored), the mean cross-entropy."""
@@ -192,9 +195,11 @@ class GPT(nn.Module):
         eos: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        context: int | None = None,
     ) -> Tensor:
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens (B, T + n); temperature 0 is greedy."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos, use_cache, generator))
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens (B, T + n), each attending to at most the
+        last ``context`` tokens (see ``stream``); temperature 0 is greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos, use_cache, generator, context))
         return torch.cat([idx, *new], dim=1)
 
     @torch.no_grad()
@@ -208,31 +213,23 @@ class GPT(nn.Module):
         eos: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        context: int | None = None,
     ) -> Iterator[Tensor]:
         """Yield the next tokens (B, 1) one step at a time (see ``generate``).
 
-        With the KV cache each step feeds one token; once the context fills the block, the
-        window slides and the cache is rebuilt from the last block_size tokens, so cached and
-        uncached generation see exactly the same context. Rows that emitted ``eos`` are padded
-        with it, and generation stops when every row has.
+        Each step attends to at most the last ``context`` tokens (default block_size; at most block_size
+        with learned positions): see ``gpt2exp.model.decode`` for how the window moves and what the KV
+        cache keeps. Cached and uncached generation see the same context. Rows that emitted ``eos``
+        are padded with it, and generation stops when every row has.
         """
-        block = self.spec.block_size
-        cache: KVCache | None = None
+        decoder = Decoder(self, idx, max_new_tokens, context, use_cache)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if not use_cache:
-                h = self.hidden_states(idx[:, -block:])
-            elif cache is None or cache.pos >= block:
-                cache = KVCache(self.spec.n_layer, block)
-                h = self.hidden_states(idx[:, -block:], cache)
-            else:
-                h = self.hidden_states(idx[:, -1:], cache)
-            logits = self.lm_head(h[:, -1]).float()  # (B, V)
-            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            nxt = sample(decoder.logits().float(), temperature, top_k, top_p, generator)  # (B, 1)
             if eos is not None:
                 nxt = torch.where(done[:, None], torch.full_like(nxt, eos), nxt)
                 done |= nxt[:, 0] == eos
-            idx = torch.cat([idx, nxt], dim=1)
+            decoder.append(nxt)
             yield nxt
             if eos is not None and bool(done.all()):
                 return

@@ -9,20 +9,20 @@ import torch
 from torch import Tensor
 
 
-def sinusoidal_table(block_size: int, n_embd: int) -> Tensor:
-    """Fixed sin/cos embeddings of "Attention Is All You Need": (block_size, n_embd)."""
-    pos = torch.arange(block_size, dtype=torch.float32)[:, None]  # (T, 1)
+def sinusoidal_table(n: int, n_embd: int, start: int = 0) -> Tensor:
+    """Fixed sin/cos embeddings of "Attention Is All You Need" for positions start..start+n: (n, n_embd)."""
+    pos = torch.arange(start, start + n, dtype=torch.float32)[:, None]  # (T, 1)
     inv_freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))  # (C/2,)
-    table = torch.zeros(block_size, n_embd)
+    table = torch.zeros(n, n_embd)
     table[:, 0::2] = torch.sin(pos * inv_freq)
     table[:, 1::2] = torch.cos(pos * inv_freq[: n_embd // 2])
     return table
 
 
-def rope_cache(block_size: int, head_size: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of RoPE angles, each (block_size, head_size), laid out for ``rotate_half``."""
+def rope_cache(n: int, head_size: int, theta: float, start: int = 0) -> tuple[Tensor, Tensor]:
+    """cos and sin of RoPE angles for positions start..start+n, each (n, head_size), laid out for ``rotate_half``."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.outer(torch.arange(start, start + n, dtype=torch.float32), inv_freq)  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
     return angles.cos(), angles.sin()
 

@@ -4,7 +4,8 @@ The logged model is MLflow's models-from-code: the weights (``model.safetensors`
 (JSON) and ``pyfunc_model.py`` stored as plain source, which builds ``GPTPyfunc`` from the installed
 gpt2exp package. Nothing is pickled, so loading runs only gpt2exp's code and that file (the
 environment needs gpt2exp installed). Input: a DataFrame with a ``prompt`` column; params:
-max_new_tokens, temperature, top_k, top_p, seed; output: the generated text (prompt excluded)."""
+max_new_tokens, temperature, top_k, top_p, seed, context (tokens attended to; default the block size);
+output: the generated text (prompt excluded)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from mlflow.pyfunc.model import PythonModel
 from gpt2exp.model import GPT
 from gpt2exp.training.checkpoint import MODEL_SPEC, WEIGHTS, load_final
 
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 1337}
+DEFAULT_PARAMS: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "temperature": 0.8,
+    "top_k": 200,
+    "top_p": 1.0,
+    "seed": 1337,
+    "context": None,  # the model's block size
+}
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # stored in the model as plain source
 
 
@@ -47,8 +55,9 @@ def generate_text(
     top_k: int | None,
     top_p: float | None,
     seed: int,
+    context: int | None = None,
 ) -> list[str]:
-    """Continue each prompt (stopping at <|endoftext|>); returns only the new text."""
+    """Continue each prompt (stopping at <|endoftext|>), attending to at most ``context`` tokens; returns only the new text."""
     import torch
 
     from gpt2exp.data.tokenizer import EOT
@@ -58,7 +67,14 @@ def generate_text(
     for prompt in prompts:
         idx = torch.tensor([tokenizer.encode(prompt or "\n", allowed_special={"<|endoftext|>"})])
         tokens = model.generate(
-            idx, int(max_new_tokens), float(temperature), int(top_k) if top_k else None, top_p, eos=EOT, generator=gen
+            idx,
+            int(max_new_tokens),
+            float(temperature),
+            int(top_k) if top_k else None,
+            top_p,
+            eos=EOT,
+            generator=gen,
+            context=None if context is None else int(context),
         )
         new = [t for t in tokens[0, idx.size(1) :].tolist() if t != EOT]
         out.append(tokenizer.decode(new))
@@ -91,6 +107,7 @@ def log_gpt_model(final_dir: Path, name: str = "model", step: int | None = None)
                 ParamSpec("top_k", "long", DEFAULT_PARAMS["top_k"]),
                 ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
                 ParamSpec("seed", "long", DEFAULT_PARAMS["seed"]),
+                ParamSpec("context", "long", DEFAULT_PARAMS["context"]),
             ]
         ),
     )
