@@ -1,6 +1,6 @@
 """Causal self-attention with n_kv_head key/value heads (MHA, GQA, MQA), an optional sliding
 window, RoPE or ALiBi, and a KV cache for generation. Scores go through
-``F.scaled_dot_product_attention``, or for windows and ALiBi through FlexAttention where it is fused
+``F.scaled_dot_product_attention``, or for windows and ALiBi on CUDA through FlexAttention
 (``model/flex.py``)."""
 
 from __future__ import annotations
