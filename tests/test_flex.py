@@ -143,3 +143,16 @@ def test_backend_choice() -> None:
             flex.use_flex(q.clone().requires_grad_(), 0.0)
     with pytest.raises(flex.AttentionBackendError, match="'fast' is not one of auto, flex, sdpa"):
         flex.set_attention_backend("fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_compiled_model_with_flex_on_cpu() -> None:
+    """The path under torch.compile (the block mask built in the graph, ALiBi slopes from the head index),
+    through torch 2.13's CPU flex template: SDPA's logits. About 35 s of compilation on 2 cores."""
+    model = randomize_(tiny(2, "alibi", 8, n_layer=1, block_size=32)).eval()
+    idx = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = model(idx)
+        with backend("flex"):
+            got, _ = torch.compile(model, fullgraph=True)(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
