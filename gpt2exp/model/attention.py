@@ -1,6 +1,7 @@
 """Causal self-attention with n_kv_head key/value heads (MHA, GQA, MQA), an optional sliding
 window, RoPE or ALiBi, and a KV cache for generation. Scores go through
-``F.scaled_dot_product_attention`` on every path."""
+``F.scaled_dot_product_attention``, or for windows and ALiBi on CUDA through FlexAttention
+(``model/flex.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt2exp.model import flex
 from gpt2exp.model.positional import alibi_slopes, apply_rope
 from gpt2exp.spec import ModelSpec
 
@@ -88,6 +90,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias)
         self.resid_dropout = nn.Dropout(spec.dropout)
         self.dropout = spec.dropout
+        self.window, self.alibi = spec.sliding_window, spec.positional == "alibi"  # flex's cases (see model/flex.py)
 
     def forward(
         self,
@@ -105,14 +108,19 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hs)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if (self.window is not None or self.alibi) and flex.use_flex(q, dropout):
+            S = k.size(2)  # queries are the last T of the key positions 0..S
+            y = flex.flex_attention(q, k, v, range(S - T, S), range(S), window=self.window, alibi=self.alibi)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, H, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
