@@ -11,14 +11,17 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import VARIANTS, one_thread, randomize_, tiny  # noqa: F401 (one_thread: autouse fixture)
+from test_model import VARIANTS, randomize_, tiny
 from torch import Tensor
 
 from gpt2exp.model import KVCache, flex
 from gpt2exp.model.positional import alibi_slopes
 
 # eager flex (the unfused reference) is what these correctness tests run on the CPU, on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @contextmanager
@@ -156,3 +159,16 @@ def test_compiled_model_with_flex_on_cpu() -> None:
         with backend("flex"):
             got, _ = torch.compile(model, fullgraph=True)(idx)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("positional, window", [("alibi", None), ("rope", 8), ("alibi", 8)])
+def test_flex_matches_sdpa_through_a_rolled_cache(positional: str, window: int | None) -> None:
+    """Generation past block_size, where the rolling cache has wrapped and hands flex its keys' positions
+    as a tensor: the same greedy tokens as SDPA."""
+    model = randomize_(tiny(2, positional, window, block_size=16), std=0.1).double().eval()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name in ("sdpa", "flex"):
+        with backend(name), torch.no_grad():
+            runs[name] = model.generate(prompt, 30, temperature=0)
+    torch.testing.assert_close(runs["flex"], runs["sdpa"], rtol=0, atol=0)

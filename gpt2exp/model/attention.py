@@ -5,6 +5,8 @@ window, RoPE or ALiBi, and a KV cache for generation. Scores go through
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +38,11 @@ class KVCache:
         slots = torch.arange(min(n, cap), device=device)
         return torch.cat([self.pos - 1 - (n - 1 - slots) % cap, torch.arange(self.pos, self.pos + T, device=device)])
 
+    def key_range(self, T: int) -> range | None:
+        """``key_positions(T)`` as a range while they are contiguous (the buffer has not wrapped), else None."""
+        n = self.pos - self.start
+        return range(self.start, self.pos + T) if n < self.capacity or (T > 1 and n == self.capacity) else None
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add k, v (B, Hkv, T, hs) at positions pos..pos+T; return the keys/values they attend to, at
         ``key_positions(T)``: the cached ones, then the new ones."""
@@ -58,6 +65,11 @@ class KVCache:
         return all_k, all_v
 
 
+def narrowest_window(spec: ModelSpec, window: int | None) -> int | None:
+    """The window in force: ``window`` (a generation context) or the spec's sliding window, the narrower."""
+    return min((w for w in (window, spec.sliding_window) if w is not None), default=None)
+
+
 def attention_mask(spec: ModelSpec, start: int, T: int, keys: Tensor, window: int | None = None) -> Tensor | None:
     """What queries at positions start..start+T may see of keys at positions ``keys`` (S,): the causal
     past within the last ``window`` positions, or the spec's sliding window if narrower.
@@ -65,7 +77,7 @@ def attention_mask(spec: ModelSpec, start: int, T: int, keys: Tensor, window: in
     None when plain causal attention is exact (``is_causal`` for a fresh sequence, nothing for a single
     query) and no window cuts in; else a bool mask (T, S), or for ALiBi an additive float bias (1, H, T, S).
     """
-    window = min((w for w in (window, spec.sliding_window) if w is not None), default=None)
+    window = narrowest_window(spec, window)
     S = keys.size(0)  # the keys are the last S positions: fresh (S == T) or the past of one query (T == 1)
     if spec.positional != "alibi" and (S == T or T == 1) and (window is None or window >= S):
         return None
@@ -80,6 +92,15 @@ def attention_mask(spec: ModelSpec, start: int, T: int, keys: Tensor, window: in
     return bias.masked_fill(~allowed, float("-inf"))[None]  # (1, H, T, S)
 
 
+class Span(NamedTuple):
+    """Where a forward pass attends: query positions, key positions (a range when contiguous, else the
+    cache's (S,) tensor) and the narrowest window in force (the generation context or the spec's)."""
+
+    queries: range
+    keys: flex.Positions
+    window: int | None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
@@ -90,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(spec.n_embd, spec.n_embd, bias=spec.bias)
         self.resid_dropout = nn.Dropout(spec.dropout)
         self.dropout = spec.dropout
-        self.window, self.alibi = spec.sliding_window, spec.positional == "alibi"  # flex's cases (see model/flex.py)
+        self.alibi = spec.positional == "alibi"  # with a window, flex's cases (see model/flex.py)
 
     def forward(
         self,
@@ -98,6 +119,7 @@ class CausalSelfAttention(nn.Module):
         mask: Tensor | None,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
+        span: Span | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
@@ -109,9 +131,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hs)
         dropout = self.dropout if self.training else 0.0
-        if (self.window is not None or self.alibi) and flex.use_flex(q, dropout):
-            S = k.size(2)  # queries are the last T of the key positions 0..S
-            y = flex.flex_attention(q, k, v, range(S - T, S), range(S), window=self.window, alibi=self.alibi)
+        if span is not None and (span.window is not None or self.alibi) and flex.use_flex(q, dropout):
+            y = flex.flex_attention(q, k, v, span.queries, span.keys, window=span.window, alibi=self.alibi)
         else:
             y = F.scaled_dot_product_attention(
                 q,

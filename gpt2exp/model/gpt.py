@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2exp.errors import INPUT, Gpt2expError
-from gpt2exp.model.attention import CausalSelfAttention, KVCache, attention_mask
+from gpt2exp.model.attention import CausalSelfAttention, KVCache, Span, attention_mask, narrowest_window
 from gpt2exp.model.decode import Decoder
 from gpt2exp.model.positional import rope_cache, sinusoidal_table
 from gpt2exp.spec import ModelSpec
@@ -52,8 +52,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(spec.n_embd, bias=spec.bias)
         self.mlp = MLP(spec)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, rope, cache)
+    def forward(
+        self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, span: Span
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, rope, cache, span)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -154,8 +156,12 @@ class GPT(nn.Module):
         mask = attention_mask(self.spec, start, T, keys, window)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(x.dtype)
+        queries = range(start, start + T)
+        flex_keys = queries if cache is None else cache.key_range(T) or keys  # a range keeps flex's block mask cached
+        window = narrowest_window(self.spec, window)
+        span = Span(queries, flex_keys, window if window is not None and window < keys.size(0) else None)  # None: no cut
         for block in self.transformer.h:
-            x = block(x, mask, rope, cache)
+            x = block(x, mask, rope, cache, span)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
