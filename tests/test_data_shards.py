@@ -96,3 +96,27 @@ def test_split_ranges_cut_segments_over_shards() -> None:
     p0, p2 = "shards/part-00000.bin", "shards/part-00002.bin"
     assert ranges["train"] == [[p0, 1, 4], [p2, 0, 3], [p2, 4, 6]]
     assert ranges["val"] == [[p0, 4, 5], [p2, 3, 4], [p2, 6, 7]]
+
+
+def test_training_reads_the_shards(both: tuple[TokenData, TokenData], corpus_files: Path, tmp_path: Path) -> None:
+    """A run on the sharded preparation trains on the same batches and scores the same windows as on the local one."""
+    from gpt2exp.launch.plan import make_plan
+    from gpt2exp.launch.runner import run_plan
+    from gpt2exp.spec import validate_spec
+
+    local, sharded = both
+    losses = []
+    for data, how in ((local, "local"), (sharded, "ray")):
+        raw = {
+            "name": "shards",
+            "data": {"path": str(corpus_files), "cache_dir": str(data.dir.parent), "prepare_with": how},
+            "model": {"vocab_size": 50304, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
+            "train": {"max_steps": 3, "batch_size": 4, "eval_interval": 3, "eval_tokens": 256, "final_eval_tokens": 512},
+            "tracking": {"enabled": False},
+        }
+        plan = make_plan(validate_spec(raw), tmp_path / how, show_progress=False)
+        assert plan.jobs[0].train_tokens == str(data.path("train"))
+        runs = run_plan(plan, "local", show_progress=False).runs
+        assert runs.status.tolist() == ["completed"], runs.error.tolist()
+        losses.append((float(runs.train_loss.iloc[0]), float(runs.val_loss.iloc[0])))
+    assert losses[0] == losses[1]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from gpt2exp import env
 from gpt2exp.data.sources import DataError, Document
 from gpt2exp.data.tokenizer import encode_pieces, get_tokenizer
 
@@ -102,7 +103,8 @@ def tokenize_shards(files: tuple[Path, ...], read: Callable[[Path], Document], f
     Ray started); returns per shard ``{"index", "n_tokens", "size", "sha256", "n_bytes"}`` in file order."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # the cluster at RAY_ADDRESS, else a private one on 127.0.0.1
+        env.apply(env.RAY)
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     (folder / SHARD_DIR).mkdir()
     items = [{"index": i, "path": str(f)} for i, f in enumerate(files)]
