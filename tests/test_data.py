@@ -87,6 +87,15 @@ def test_pieces_cut_at_safe_newlines(small_file: Path, text: str) -> None:
     assert [t for p, _ in pieces for t in enc.encode_ordinary(p)] == enc.encode_ordinary(whole)
 
 
+def test_thread_counts_give_the_same_tokens(tmp_path: Path, corpus_head) -> None:
+    """One thread (no pool) and three (this thread takes every third piece) write identical files, in input order."""
+    path = corpus_head(1_200_000)  # about five 256 KiB pieces
+    one, three = (prepare(spec(tmp_path / str(n), path=str(path)), show_progress=False, num_threads=n) for n in (1, 3))
+    assert (one.meta["threads"], three.meta["threads"]) == (1, 3) and one.meta["files"] == three.meta["files"]
+    whole = get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8"))
+    assert np.concatenate([three.train, three.val]).tolist() == whole  # one segment: train is the head, val the tail
+
+
 def test_folder_documents_are_joined_by_eot(tmp_path: Path, text: str) -> None:
     docs = {"a.txt": text[:3000], "b/c.md": text[3000:5000], "empty.txt": "", "z.txt": text[5000:9000]}
     for name, body in docs.items():

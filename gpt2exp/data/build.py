@@ -25,7 +25,7 @@ from gpt2exp.data.tokenizer import EOT, encode_pieces
 
 SPLIT_RULE = "segment-tail/v1"
 SEGMENT_TOKENS = 1 << 20
-GROUP_CHARS = 1 << 18  # text per encoding task (a file piece is about 256 KiB: one per task)
+GROUP_CHARS = 1 << 17  # text per encoding task at least (a file piece, about 256 KiB, is one task)
 IN_FLIGHT_PER_THREAD = 3  # tasks queued per encoding thread
 
 
