@@ -80,8 +80,8 @@ def build_local(
 
     Pieces (grouped up to ``GROUP_CHARS`` so that small documents share a task) are encoded by
     ``num_threads`` threads (tiktoken releases the GIL): ``num_threads - 1`` pool threads plus this
-    one, which takes every ``num_threads``-th task (tiktoken encodes faster on the main thread than on
-    a pool thread here, so one thread uses no pool at all); at most ``IN_FLIGHT_PER_THREAD`` tasks per
+    one, which takes every ``num_threads``-th task instead of waiting (so one thread uses no pool; see
+    benchmarks/README.md for why the calling thread matters); at most ``IN_FLIGHT_PER_THREAD`` tasks per
     thread in flight, written in input order.
     """
     threads = num_threads or _cpu_count()
