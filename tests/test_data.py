@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from gpt2exp.data import EOT, DataError, cache_root, get_tokenizer, prepare
+from gpt2exp.data.build import SEGMENT_TOKENS
 from gpt2exp.data.loader import BatchSampler, EvalWindows, epoch_steps
-from gpt2exp.data.prepare import SEGMENT_TOKENS, TokenData, file_digest, load_complete
+from gpt2exp.data.prepare import TokenData, file_digest, load_complete
 from gpt2exp.data.sources import builtin_files, read_pieces
 from gpt2exp.spec import DataSpec
 
@@ -84,6 +85,15 @@ def test_pieces_cut_at_safe_newlines(small_file: Path, text: str) -> None:
     assert "".join(p for p, _ in pieces) == whole
     enc = get_tokenizer()
     assert [t for p, _ in pieces for t in enc.encode_ordinary(p)] == enc.encode_ordinary(whole)
+
+
+def test_thread_counts_give_the_same_tokens(tmp_path: Path, corpus_head) -> None:
+    """One thread (no pool) and three (this thread takes every third piece) write identical files, in input order."""
+    path = corpus_head(1_200_000)  # about five 256 KiB pieces
+    one, three = (prepare(spec(tmp_path / str(n), path=str(path)), show_progress=False, num_threads=n) for n in (1, 3))
+    assert (one.meta["threads"], three.meta["threads"]) == (1, 3) and one.meta["files"] == three.meta["files"]
+    whole = get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8"))
+    assert np.concatenate([three.train, three.val]).tolist() == whole  # one segment: train is the head, val the tail
 
 
 def test_folder_documents_are_joined_by_eot(tmp_path: Path, text: str) -> None:
@@ -163,7 +173,7 @@ def test_tokens_beyond_the_vocabulary_are_refused_at_creation(
 ) -> None:
     class Narrow:  # the GPT-2 encoding claiming a vocabulary of 100 tokens
         name, n_vocab = "gpt2", 100
-        encode_ordinary = staticmethod(get_tokenizer().encode_ordinary)
+        encode_to_numpy = staticmethod(get_tokenizer().encode_to_numpy)
 
     monkeypatch.setattr(sys.modules["gpt2exp.data.prepare"], "get_tokenizer", Narrow)
     with pytest.raises(RuntimeError, match=r"token id \d+ >= its vocabulary size 100"):

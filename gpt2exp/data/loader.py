@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2exp.data.prepare import open_tokens
+from gpt2exp.data.prepare import Tokens, open_tokens
 from gpt2exp.data.sources import DataError
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
@@ -36,7 +36,7 @@ class BatchSampler:
 
     def __init__(
         self,
-        tokens: np.ndarray | str | Path,
+        tokens: Tokens | str | Path,
         block_size: int,
         batch_size: int,
         seed: int,
@@ -74,7 +74,7 @@ class BatchSampler:
         return list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(tokens: Tokens, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) int64 (len(starts), block_size) of the windows beginning at ``starts``; y is x shifted by one."""
     idx = starts[:, None] + np.arange(block_size + 1)  # (b, T+1)
     w = torch.from_numpy(tokens[idx].astype(np.int64))  # (b, T+1)
@@ -87,7 +87,7 @@ class EvalWindows:
     are then a uniform sample of the whole split (an intermediate evaluation scores a prefix, the
     final one more of the same order), and nothing depends on the seed or the batch layout."""
 
-    def __init__(self, tokens: np.ndarray | str | Path, block_size: int) -> None:
+    def __init__(self, tokens: Tokens | str | Path, block_size: int) -> None:
         self.tokens, self.block_size = open_tokens(tokens), block_size
         n = (len(self.tokens) - 1) // block_size
         self.starts = np.random.default_rng(EVAL_STREAM).permutation(n) * block_size  # (n,) in visiting order

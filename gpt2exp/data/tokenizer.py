@@ -12,6 +12,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from gpt2exp.errors import Gpt2expError
@@ -64,3 +65,17 @@ def get_tokenizer() -> tiktoken.Encoding:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
         raise TokenizerUnavailable(f"{_HOW_TO_FIX} ({type(e).__name__})") from None
+
+
+def encode_pieces(enc: tiktoken.Encoding, pieces: list[tuple[str, bool]]) -> np.ndarray:
+    """The tokens of ``(text, EOT before it?)`` pieces, concatenated: (n,) uint16. Special-token text is
+    encoded as ordinary text (as ``encode_ordinary``), straight into an array (no Python list)."""
+    parts = []
+    for text, eot in pieces:
+        if eot:
+            parts.append(np.array([EOT], dtype=np.uint32))
+        parts.append(enc.encode_to_numpy(text, disallowed_special=()))  # (n_i,) uint32
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    if len(tokens) and int(tokens.max()) >= enc.n_vocab:
+        raise RuntimeError(f"the tokenizer produced token id {int(tokens.max())} >= its vocabulary size {enc.n_vocab}")
+    return tokens.astype(np.uint16)

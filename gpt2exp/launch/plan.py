@@ -66,8 +66,8 @@ def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True, ou
                     variant=variant.name,
                     seed=seed,
                     spec=variant.spec,
-                    train_tokens=str(files.dir / "train.bin"),
-                    val_tokens=str(files.dir / "val.bin"),
+                    train_tokens=str(files.path("train")),
+                    val_tokens=str(files.path("val")),
                     run_dir=str(check_inside(out_dir, out_dir / "runs" / variant.name / f"seed_{seed}")),
                     total_steps=total_steps(variant.spec, files.n_train),
                 )

@@ -20,7 +20,7 @@ import yaml
 from rich.console import Console
 
 from gpt2exp.data.sources import find_files
-from gpt2exp.launch.cluster import beside_ray
+from gpt2exp.launch.cluster import beside_ray, ensure_ray
 from gpt2exp.launch.plan import Plan, experiment_dir, make_plan
 from gpt2exp.launch.progress import ProgressView, Recorder
 from gpt2exp.launch.status import outcome, results_table
@@ -123,7 +123,9 @@ def run_experiment(
         if launcher == "ray":  # a data path that names nothing is reported before Ray starts
             for path in {v.spec.data.path for v in spec.expand() if v.spec.data.path is not None}:
                 find_files(path)
-        plan, tracker = beside_ray(prepare, start=launcher == "ray")
+        if ray_data := any(v.spec.data.prepare_with == "ray" for v in spec.expand()):
+            ensure_ray()  # Ray Data tokenizes: Ray first (a private cluster with the local launcher)
+        plan, tracker = beside_ray(prepare, start=launcher == "ray" and not ray_data)
         return execute(plan, launcher, tracker, console, show_progress)
 
 

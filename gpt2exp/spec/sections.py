@@ -132,12 +132,24 @@ class DataSpec(Strict):
 
     path: str | None = Field(default=None, description="A text file, a folder of text files or a glob.")
     url: str | None = Field(default=None, description="A text file to download once into the cache (needs network).")
-    hf_dataset: str | None = Field(default=None, description="A Hugging Face dataset name (optional extra, needs network).")
+    hf_dataset: str | None = Field(
+        default=None,
+        description="A Hugging Face dataset: a Hub name (needs network), a folder saved with save_to_disk, or "
+        "local .json/.jsonl/.parquet/.csv/.txt files (a file, a folder of them or a glob). Optional extra: gpt2exp[hf].",
+    )
     hf_split: str = "train"
     hf_text_field: str = "text"
+    hf_streaming: bool = Field(
+        default=False, description="Read the dataset as a stream (IterableDataset): nothing downloaded up front."
+    )
     builtin: Literal["shakespeare"] | None = Field(default=None, description="A small corpus installed with the package.")
     val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5, description="Share of the tokens held out for validation.")
     cache_dir: str | None = Field(default=None, description="Token cache folder (default: ~/.cache/gpt2exp/tokens).")
+    prepare_with: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: tokenize on this machine's cores; ray: with Ray Data, one shard per file, on the Ray cluster "
+        "(the same tokens and split; path, url or builtin sources; cache_dir on storage every node sees).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
