@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from gpt2exp.cli.options import OutputOpt, TrackingUriOpt
-from gpt2exp.cli.output import console, fail
+from gpt2exp.cli.options import JsonOpt, OutputOpt, TrackingUriOpt
+from gpt2exp.cli.output import console, fail, print_json
 
 ModelUriOpt = Annotated[
     str | None, typer.Option("--model-uri", help="runs:/<id>/model, models:/<name>@best, models:/<model_id>, or a model folder.")
@@ -97,16 +97,58 @@ def evaluate(
     pretrained: Annotated[str | None, typer.Option(help="Hugging Face GPT-2 folder or hub name.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Score at most this many tokens.")] = 1_000_000,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Score every token with a context of about N tokens, past block_size too (not with learned positions): "
+            "windows of N tokens advancing by --stride, each scoring its last stride tokens (the first window all of its "
+            "own), so each token after the first window sees N-stride+1 to N tokens. Default: non-overlapping windows "
+            "of the model's block_size.",
+            show_default=False,
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tokens between windows with --context (default N/2: N/2+1 to N tokens of context for two forwards per "
+            "token; 1 gives exactly N at N forwards per token).",
+            show_default=False,
+        ),
+    ] = None,
     output: OutputOpt = Path("outputs"),
     tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Score new text with a model: loss, perplexity and tokens, same tokenizer and block size."""
+    """Score new text with a model: loss, perplexity and tokens, same tokenizer; at the block size or at --context N."""
     import math
 
-    from gpt2exp.training.evaluate import score_files
+    from gpt2exp.data.loader import StridedWindows
+    from gpt2exp.model.gpt import ContextTooLong
+    from gpt2exp.training.evaluate import default_stride, score_files, score_strided, tokenize_files
 
+    if stride is not None and (context is None or stride > context):
+        raise fail("--stride needs --context N and at most N", code=2)
     model, enc = open_model(model_uri, pretrained, output, tracking_uri)
-    loss, n_tokens = score_files(model, enc, str(data), max_tokens, batch_size)
+    block = model.spec.block_size
+    if context is None:
+        loss, n_tokens = score_files(model, enc, str(data), max_tokens, batch_size)
+        n, step = block, block
+    else:
+        if (limit := model.max_context) is not None and context > limit:
+            raise ContextTooLong(
+                f"--context {context} is longer than the {limit} positions of this model's learned positions; give --context {limit} or less"
+            )
+        step = stride or default_stride(context)
+        windows = StridedWindows(tokenize_files(str(data), enc, max_tokens), context, step)
+        device = next(model.parameters()).device
+        loss, _, n_tokens = score_strided(model, windows, max(1, batch_size * block // context), device)
+        n = context
+    result = dict(context=n, stride=step, block_size=block, tokens=n_tokens, loss=loss, perplexity=math.exp(loss))
+    if as_json:
+        print_json(result)
+        return
     console.print(
-        f"loss {loss:.4f} · perplexity {math.exp(loss):.2f} · {n_tokens:,} tokens scored (block {model.spec.block_size})"
+        f"context {n} (block {block}) · stride {step} · {n_tokens:,} tokens scored · loss {loss:.4f} · perplexity {math.exp(loss):.2f}"
     )
