@@ -112,8 +112,8 @@ def test_cli_evaluates_past_block_size_and_learned_refuses_in_one_line(corpus_he
     lines = refused.stderr.strip().splitlines()
     assert refused.exit_code == 2 and len(lines) == 1 and "Traceback" not in refused.output
     assert lines[0].startswith("error: --context 32 is longer than the 16 positions") and "--context 16 or less" in lines[0]
-    bad = evaluate_cli(tmp_path / "rope", data, "--stride", "4")
-    assert bad.exit_code == 2 and "--stride needs --context" in bad.stderr
+    bad = evaluate_cli(tmp_path / "rope", data, "--stride", "32")
+    assert bad.exit_code == 2 and "--stride 32 is longer than the context 16; give at most 16" in bad.stderr
 
 
 # ----------------------------------------------------------------------------------------------------- spec

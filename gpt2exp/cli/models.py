@@ -112,8 +112,8 @@ def evaluate(
         int | None,
         typer.Option(
             min=1,
-            help="Tokens between windows with --context (default N/2: N/2+1 to N tokens of context for two forwards per "
-            "token; 1 gives exactly N at N forwards per token).",
+            help="Tokens between windows: each token sees N-stride+1 to N tokens for N/stride forwards per token. Default "
+            "with --context: N/2 (N/2+1 to N tokens, two forwards per token; 1 gives exactly N); without: block_size.",
             show_default=False,
         ),
     ] = None,
@@ -124,31 +124,25 @@ def evaluate(
     """Score new text with a model: loss, perplexity and tokens, same tokenizer; at the block size or at --context N."""
     import math
 
-    from gpt2exp.data.loader import StridedWindows
     from gpt2exp.model.gpt import ContextTooLong
-    from gpt2exp.training.evaluate import default_stride, score_files, score_strided, tokenize_files
+    from gpt2exp.training.evaluate import default_stride, score_files
 
-    if stride is not None and (context is None or stride > context):
-        raise fail("--stride needs --context N and at most N", code=2)
     model, enc = open_model(model_uri, pretrained, output, tracking_uri)
     block = model.spec.block_size
-    if context is None:
-        loss, n_tokens = score_files(model, enc, str(data), max_tokens, batch_size)
-        n, step = block, block
-    else:
-        if (limit := model.max_context) is not None and context > limit:
-            raise ContextTooLong(
-                f"--context {context} is longer than the {limit} positions of this model's learned positions; give --context {limit} or less"
-            )
-        step = stride or default_stride(context)
-        windows = StridedWindows(tokenize_files(str(data), enc, max_tokens), context, step)
-        device = next(model.parameters()).device
-        loss, _, n_tokens = score_strided(model, windows, max(1, batch_size * block // context), device)
-        n = context
-    result = dict(context=n, stride=step, block_size=block, tokens=n_tokens, loss=loss, perplexity=math.exp(loss))
+    n = context or block
+    if (limit := model.max_context) is not None and n > limit:
+        raise ContextTooLong(
+            f"--context {n} is longer than the {limit} positions of this model's learned positions; give --context {limit} or less"
+        )
+    step = stride or (default_stride(n) if context else n)  # no --context: non-overlapping block_size windows
+    if step > n:
+        raise fail(f"--stride {step} is longer than the context {n}; give at most {n}", code=2)
+    loss, se, n_tokens = score_files(model, enc, str(data), max_tokens, n, step, batch_size)
+    result = dict(context=n, stride=step, block_size=block, tokens=n_tokens, loss=loss, loss_se=se, perplexity=math.exp(loss))
     if as_json:
         print_json(result)
         return
     console.print(
-        f"context {n} (block {block}) · stride {step} · {n_tokens:,} tokens scored · loss {loss:.4f} · perplexity {math.exp(loss):.2f}"
+        f"context {n} (block {block}) · stride {step} · {n_tokens:,} tokens scored · loss {loss:.4f} ± {se:.4f} (se) · "
+        f"perplexity {math.exp(loss):.2f}"
     )

@@ -63,26 +63,17 @@ def tokenize_files(path: str, tokenizer: Any, max_tokens: int) -> np.ndarray:
     return np.array(tokens, dtype=np.int64)
 
 
-@torch.no_grad()
-def score_files(model: GPT, tokenizer: Any, path: str, max_tokens: int, batch_size: int = 8) -> tuple[float, int]:
-    """Mean loss per predicted token over non-overlapping windows of the model's block size, and
-    the number of tokens predicted."""
+def score_files(
+    model: GPT, tokenizer: Any, path: str, max_tokens: int, context: int, stride: int, batch_size: int = 8
+) -> tuple[float, float, int]:
+    """Mean loss per predicted token of the files at ``path`` (:class:`StridedWindows` from the first token: windows of
+    ``context`` tokens advancing by ``stride``; stride = context: non-overlapping), its standard error and the number
+    of tokens predicted."""
     tokens = tokenize_files(path, tokenizer, max_tokens)
-    block = model.spec.block_size
     if len(tokens) < 2:
         raise DataError(f"{path}: no text to score; give a file with at least a few words")
-    n_full = (len(tokens) - 1) // block
-    full = torch.from_numpy(tokens[: n_full * block + 1])
-    windows = [(full[i * block : (i + 1) * block], full[i * block + 1 : (i + 1) * block + 1]) for i in range(n_full)]
-    total, count = 0.0, 0
-    model.eval()
-    for i in range(0, n_full, batch_size):
-        x, y = (torch.stack(t) for t in zip(*windows[i : i + batch_size], strict=True))  # (b, T)
-        total, count = total + model(x, y)[1].item() * y.numel(), count + y.numel()
-    if (rest := len(tokens) - 1 - n_full * block) > 0:  # the short last window
-        tail = torch.from_numpy(tokens[n_full * block :])[None]  # (1, rest + 1)
-        total, count = total + model(tail[:, :-1], tail[:, 1:])[1].item() * rest, count + rest
-    return total / count, count
+    micro = max(1, batch_size * model.spec.block_size // context)  # about batch_size windows of block_size in memory
+    return score_strided(model, StridedWindows(tokens, context, stride), micro, next(model.parameters()).device)
 
 
 def default_stride(context: int) -> int:
