@@ -1,6 +1,8 @@
 """The report's long-context figures (``eval.contexts``): final validation loss against context length (log2 axis)
 and loss by position in a window of the longest context, one line per variant (mean over seeds), each variant's
-trained block_size marked. Nothing is drawn for runs without long-context metrics.
+trained block_size marked. The loss by position shows the variants scored at the experiment's longest context
+(the same windows); one with a shorter longest context (learned positions) scored other windows and is left out.
+Nothing is drawn for runs without long-context metrics.
 
 Drawn like :mod:`gpt2exp.report.plots`: matplotlib's object API on an Agg canvas."""
 
@@ -62,6 +64,7 @@ def plot_context_figures(runs: Runs, folder: Path, variants: list[str], finished
     if losses.empty:
         return {}
     blocks = block_sizes(runs)
+    folder.mkdir(parents=True, exist_ok=True)
     colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
     fig, ax = _figure()
     for name, mine in losses.groupby("variant", sort=False):
@@ -80,6 +83,8 @@ def plot_context_figures(runs: Runs, folder: Path, variants: list[str], finished
 
     curves = variant_curves(runs, BY_POSITION, finished_only)
     curves = curves.loc[curves.variant.isin(variants)]
+    reach = curves.groupby("variant").step.max()  # a variant with a shorter longest context scored other windows: left out
+    curves = curves.loc[curves.variant.isin(reach.index[reach == reach.max()])]
     if curves.empty:
         return paths
     fig, ax = _figure()
@@ -89,7 +94,8 @@ def plot_context_figures(runs: Runs, folder: Path, variants: list[str], finished
         ax.plot(mean.index + width[name] / 2, mean.values, color=colors[str(name)], lw=1.8, label=str(name))
     _mark_blocks(ax, {blocks[v] for v in set(curves.variant) if v in blocks})
     ax.set(xlabel="position in the window (bucket centre)", ylabel="val loss")
-    ax.set_title(f"{runs.experiment}: validation loss by position (longest context)", fontsize=11)
+    longest = int(curves.step.max() + width.max())
+    ax.set_title(f"{runs.experiment}: validation loss by position, windows of {longest} tokens", fontsize=11)
     ax.set_xlim(left=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9)
