@@ -19,11 +19,12 @@ from typer.testing import CliRunner
 import gpt2exp
 from gpt2exp import cli
 from gpt2exp.data.loader import EvalWindows, StridedWindows
+from gpt2exp.data.sources import DataError
 from gpt2exp.model import GPT
 from gpt2exp.spec import ModelSpec, SpecError, validate_spec
 from gpt2exp.spec.sections import metric_key, split_context
 from gpt2exp.training.checkpoint import save_final
-from gpt2exp.training.evaluate import bucket_means, position_losses, score_strided
+from gpt2exp.training.evaluate import ContextEval, bucket_means, position_losses, score_strided
 
 CPU = torch.device("cpu")
 
@@ -175,3 +176,13 @@ def test_experiment_logs_losses_by_context_and_the_report_draws_them(corpus_head
     assert (report / "report.html").read_text().count("<img") == 3
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/loss_by_context.png", "report/loss_by_position.png"} <= artifacts
+
+
+def test_every_context_scores_the_same_last_tokens_of_the_split() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)  # a target's token is its index + 1
+    for budget, last in ((300, 300), (10**6, 499)):  # at most half the split
+        evaluation = ContextEval(tokens, [8, 32, 64], budget)
+        scored = {n: sorted(int(t) for _, y, m in w.batches(5) for t in y[m]) for n, w in evaluation.strided.items()}
+        assert all(s == list(range(1000 - last, 1000)) for s in scored.values()), {n: s[:3] for n, s in scored.items()}
+    with pytest.raises(DataError, match=r"too few for eval\.contexts up to 512"):
+        ContextEval(tokens, [512], 100)

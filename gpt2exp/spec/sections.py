@@ -298,7 +298,11 @@ class EvalSpec(Strict):
         "May exceed model.block_size, except with learned positions.",
     )
     tokens: int | None = Field(
-        default=None, gt=0, le=10**15, description="Tokens scored at each context (default: the final evaluation's budget)."
+        default=None,
+        gt=0,
+        le=10**15,
+        description="Tokens scored at each context: the validation split's last ones (at most half of it), the same at every "
+        "context and for every variant (default: the final evaluation's budget).",
     )
 
     @field_validator("contexts")

@@ -124,10 +124,10 @@ def bucket_means(values: list[float], width: int) -> dict[int, float]:
 
 class ContextEval:
     """The long-context evaluation (``eval.contexts``) on fixed sets of the validation split, shared by every variant
-    and seed: at each context N the targets [N, N + n_tokens) scored by :class:`StridedWindows` with stride N/2 (the
-    first N tokens serve only as context, so every target sees N/2 + 1 to N tokens), and the loss by position over
-    the first non-overlapping windows of the longest context (:class:`EvalWindows`). Built before training, so a
-    split too short fails before training does."""
+    and seed: the split's last ``n_tokens`` targets (at most half of them), the same at every context, scored at each
+    context N by :class:`StridedWindows` with stride N/2 (so every target sees N/2 + 1 to N tokens: differences
+    between contexts are context, not text), and the loss by position over the first non-overlapping windows of the
+    longest context (:class:`EvalWindows`). Built before training, so a split too short fails before training does."""
 
     def __init__(self, tokens: np.ndarray | str, contexts: list[int], n_tokens: int) -> None:
         longest = max(contexts)
@@ -137,7 +137,9 @@ class ContextEval:
                 f"the validation split has {len(self.by_position.tokens):,} tokens, too few for eval.contexts up to "
                 f"{longest} (at least {2 * longest + 2:,}); lower eval.contexts or raise data.val_fraction"
             )
-        self.strided = {n: StridedWindows(tokens, n, default_stride(n), first=n, n=n_tokens) for n in sorted(contexts)}
+        last = min(n_tokens, (len(self.by_position.tokens) - 1) // 2)  # targets: the split's last ones (first >= longest)
+        first = len(self.by_position.tokens) - 1 - last
+        self.strided = {n: StridedWindows(tokens, n, default_stride(n), first=first) for n in sorted(contexts)}
         self.n_windows = self.by_position.count(n_tokens)
 
     def run(
