@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from gpt2exp.cli.options import OutputOpt, TrackingUriOpt
-from gpt2exp.cli.output import console, fail
+from gpt2exp.cli.options import JsonOpt, OutputOpt, TrackingUriOpt
+from gpt2exp.cli.output import console, fail, print_json
 
 ModelUriOpt = Annotated[
     str | None, typer.Option("--model-uri", help="runs:/<id>/model, models:/<name>@best, models:/<model_id>, or a model folder.")
@@ -101,16 +101,52 @@ def evaluate(
     pretrained: Annotated[str | None, typer.Option(help="Hugging Face GPT-2 folder or hub name.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Score at most this many tokens.")] = 1_000_000,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Score every token with a context of about N tokens, past block_size too (not with learned positions): "
+            "windows of N tokens advancing by --stride, each scoring its last stride tokens (the first window all of its "
+            "own), so each token after the first window sees N-stride+1 to N tokens. Default: non-overlapping windows "
+            "of the model's block_size.",
+            show_default=False,
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tokens between windows: each token sees N-stride+1 to N tokens for N/stride forwards per token. Default "
+            "with --context: N/2 (N/2+1 to N tokens, two forwards per token; 1 gives exactly N); without: block_size.",
+            show_default=False,
+        ),
+    ] = None,
     output: OutputOpt = Path("outputs"),
     tracking_uri: TrackingUriOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Score new text with a model: loss, perplexity and tokens, same tokenizer and block size."""
+    """Score new text with a model: loss, perplexity and tokens, same tokenizer; at the block size or at --context N."""
     import math
 
-    from gpt2exp.training.evaluate import score_files
+    from gpt2exp.model.gpt import ContextTooLong
+    from gpt2exp.training.evaluate import default_stride, score_files
 
     model, enc = open_model(model_uri, pretrained, output, tracking_uri)
-    loss, n_tokens = score_files(model, enc, str(data), max_tokens, batch_size)
+    block = model.spec.block_size
+    n = context or block
+    if (limit := model.max_context) is not None and n > limit:
+        raise ContextTooLong(
+            f"--context {n} is longer than the {limit} positions of this model's learned positions; give --context {limit} or less"
+        )
+    step = stride or (default_stride(n) if context else n)  # no --context: non-overlapping block_size windows
+    if step > n:
+        raise fail(f"--stride {step} is longer than the context {n}; give at most {n}", code=2)
+    loss, se, n_tokens = score_files(model, enc, str(data), max_tokens, n, step, batch_size)
+    result = dict(context=n, stride=step, block_size=block, tokens=n_tokens, loss=loss, loss_se=se, perplexity=math.exp(loss))
+    if as_json:
+        print_json(result)
+        return
     console.print(
-        f"loss {loss:.4f} · perplexity {math.exp(loss):.2f} · {n_tokens:,} tokens scored (block {model.spec.block_size})"
+        f"context {n} (block {block}) · stride {step} · {n_tokens:,} tokens scored · loss {loss:.4f} ± {se:.4f} (se) · "
+        f"perplexity {math.exp(loss):.2f}"
     )

@@ -105,11 +105,55 @@ class EvalWindows:
         so the ranks score disjoint windows and together all n. Every rank yields the same number of
         batches (FSDP and DDP forwards are collective); a rank with nothing left scores the first
         window again and reports ``rows == 0`` so it is not counted."""
-        for g in range(0, n, micro * world_size):
-            lo = min(n, g + rank * micro)
-            hi = min(n, lo + micro)
+        for lo, hi in rank_shares(n, micro, rank, world_size):
             starts = self.starts[lo:hi] if hi > lo else self.starts[:1]
             yield (*windows(self.tokens, starts, self.block_size), hi - lo)
+
+
+def rank_shares(n: int, micro: int, rank: int, world_size: int) -> Iterator[tuple[int, int]]:
+    """Rank ``rank``'s rows [lo, hi) of each global batch of ``micro * world_size`` of n items: the same number of
+    batches on every rank (forwards are collective), empty (lo == hi) where a rank has nothing left."""
+    for g in range(0, n, micro * world_size):
+        lo = min(n, g + rank * micro)
+        yield lo, min(n, lo + micro)
+
+
+class StridedWindows:
+    """Targets [first, first + n) of a split scored at a fixed context: windows of ``context`` tokens advancing by
+    ``stride``, each scoring only the targets no earlier window scored. Each target is scored once; the first window
+    scores all it holds (with ``first`` < context - stride, some with less context), every later one its last
+    ``stride``, each seeing between context - stride + 1 and context tokens (the one before it included).
+
+    Every window has min(context, first + n) tokens. The set depends on the split, context, stride and
+    (first, n) alone: the same for every variant, seed, micro-batch size and worker count."""
+
+    def __init__(self, tokens: np.ndarray | str | Path, context: int, stride: int, first: int = 0, n: int | None = None) -> None:
+        if not 0 < stride <= context:
+            raise ValueError(f"stride={stride} is not in [1, context={context}]")
+        self.tokens = open_tokens(tokens)
+        end = len(self.tokens) - 1 if n is None else min(len(self.tokens) - 1, first + n)  # targets [first, end)
+        if end <= first:
+            raise DataError(f"the split has {len(self.tokens):,} tokens: no target past the first {first:,} to score")
+        ends = np.arange(min(end, max(first + stride, context)), end + stride, stride).clip(max=end)  # (K,): the last reaches end
+        self.begins = (ends - context).clip(min=0)  # (K,)
+        self.lo = np.concatenate([[first], ends[:-1]]) - self.begins  # scored rows [lo, hi) of each window
+        self.hi = ends - self.begins
+        self.length, self.n_targets = int(self.hi[0]), end - first
+
+    def __len__(self) -> int:
+        return len(self.begins)
+
+    def batches(
+        self, micro: int, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's share of the windows (see :func:`rank_shares`): (x, y, scored) (b, length), scored a bool mask;
+        a rank with nothing left scores the first window again with nothing marked scored."""
+        rows = np.arange(self.length)  # (L,)
+        for lo, hi in rank_shares(len(self), micro, rank, world_size):
+            pick = slice(lo, hi) if hi > lo else slice(0, 1)
+            x, y = windows(self.tokens, self.begins[pick], self.length)
+            scored = (rows >= self.lo[pick, None]) & (rows < self.hi[pick, None]) & (hi > lo)  # (b, L)
+            yield x, y, torch.from_numpy(scored)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

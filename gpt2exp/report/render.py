@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,8 @@ def rich_table(table: pd.DataFrame):
     return out
 
 
-def to_html(table: pd.DataFrame, image: Path | None = None) -> str:
-    """A standalone page: title, table, notes and the plot (embedded, so it shows in the MLflow UI)."""
+def to_html(table: pd.DataFrame, image: Path | None = None, more: Sequence[Path] = ()) -> str:
+    """A standalone page: title, table, notes and the plot, then the ``more`` figures (embedded, so they show in the MLflow UI)."""
     a = table.attrs
     shown = display_frame(table)
     head = "".join(f"<th class='{'r' if _right(c) else 'l'}'>{html.escape(c)}</th>" for c in shown.columns)
@@ -94,6 +95,10 @@ def to_html(table: pd.DataFrame, image: Path | None = None) -> str:
     if image is not None and image.is_file():
         data = base64.b64encode(image.read_bytes()).decode()
         img = f"<img alt='{html.escape(a['metric'])} curves' src='data:image/png;base64,{data}'>"
+    for path in more:
+        img += (
+            f"\n<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+        )
     title = html.escape(f"{a['experiment']}: comparison of variants")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

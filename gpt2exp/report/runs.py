@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from gpt2exp.errors import Gpt2expError
+from gpt2exp.spec.sections import split_context
 from gpt2exp.tracking.runs import VARIANT_INDEX, store_uri
 from gpt2exp.tracking.store import check_store
 
@@ -152,6 +153,12 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
     return Runs(client, tracking_uri, experiment, exp.experiment_id, parent_run_id, frame, variants, baseline)
 
 
+def context_keys(runs: Runs, metric: str = "val_loss") -> list[tuple[int, str]]:
+    """(N, key) of each ``metric`` at context N (``eval.contexts``) some child run logged, by N: [(512, "val_loss_ctx512")]."""
+    found = [(split, key) for key in runs.metrics() if (split := split_context(key))]
+    return sorted((n, key) for (name, n), key in found if name == metric)
+
+
 def _last(hist: pd.DataFrame) -> float:
     return float(hist.value.iloc[-1]) if len(hist) else math.nan
 
@@ -159,7 +166,8 @@ def _last(hist: pd.DataFrame) -> float:
 def per_run(runs: Runs, metric: str = "val_loss", finished_only: bool = True) -> pd.DataFrame:
     """One row per child run used in the comparison: variant, seed, params, tokens, wall_s,
     tokens_per_sec (final ``tokens_seen`` / final ``train_seconds``, the training loop's definition:
-    evaluation and checkpoints excluded; NaN without ``train_seconds``), final/best ``metric``, perplexity."""
+    evaluation and checkpoints excluded; NaN without ``train_seconds``), final/best ``metric``, perplexity and, where
+    logged, the final ``val_loss_ctxN`` (``eval.contexts``)."""
     lower = lower_is_better(metric)
     frame = runs.frame.loc[runs.frame.status == "FINISHED"] if finished_only else runs.frame
     rows = []
@@ -183,6 +191,7 @@ def per_run(runs: Runs, metric: str = "val_loss", finished_only: bool = True) ->
                 f"final_{metric}": _last(hist),
                 f"best_{metric}": best,
                 "perplexity": math.exp(min(val, 700.0)),
+                **{key: _last(runs.history(run_id, key)) for _, key in context_keys(runs)},  # val_loss at eval.contexts
             }
         )
     return pd.DataFrame(rows)

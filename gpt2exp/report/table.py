@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gpt2exp.report.runs import ReportError, Runs, load_runs, lower_is_better, per_run
+from gpt2exp.report.runs import ReportError, Runs, context_keys, load_runs, lower_is_better, per_run
 from gpt2exp.report.stats import ALPHA, POWER, holm, mdd, mean_ci, paired_p_value, verdict
+from gpt2exp.spec.sections import metric_key, split_context
 
 SEEDS_ADVICE = "Run at least 3 seeds: `train.seeds: [1, 2, 3]` in the spec, or `--set 'train.seeds=[1,2,3]'`."
 
@@ -36,7 +37,7 @@ def comparison_table(
     ``df.attrs`` holds experiment, parent_run_id, metric, baseline, lower_is_better, multi_seed,
     ``comparisons`` (variants with a p-value), ``note`` (why there is no verdict and how to add seeds,
     else None) and ``excluded`` (unfinished runs left out, as ``variant/seed=N: STATUS``)."""
-    available = runs.metrics()
+    metric, available = metric_key(metric), runs.metrics()  # val_loss@512 is logged as val_loss_ctx512
     if metric not in available:
         shown = [m for m in available if not m.startswith("system/")]
         raise ReportError(f"no run logged metric {metric!r}; available: {', '.join(shown) or 'none'}")
@@ -60,6 +61,7 @@ def comparison_table(
     final = f"final_{metric}"
     base = per.loc[per.variant == baseline].set_index("seed")[final]
     measured = ["params", "tokens", "wall_s", "tokens_per_sec", final, f"best_{metric}", "perplexity"]
+    measured += [key for _, key in context_keys(runs)]
     rows, diffs = [], []
     for name in variants:
         group = per.loc[per.variant == name]
@@ -157,6 +159,7 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
         (f"final {metric}", f"final_{metric}", digits),
         (f"best {metric}", f"best_{metric}", digits),
         ("perplexity", "perplexity", ",.2f"),
+        *((f"val_loss@{n}", key, digits) for key, (_, n) in _contexts(table)),
         (f"Δ {metric} vs {a['baseline']}", "delta", "+" + digits),
     ]
     out = pd.DataFrame({"variant": table.variant})
@@ -171,6 +174,12 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
         out["mdd"] = [_num(v, digits) for v in table.mdd]
     out["verdict"] = table.verdict
     return out
+
+
+def _contexts(table: pd.DataFrame) -> list[tuple[str, tuple[str, int]]]:
+    """The table's ``val_loss_ctxN`` columns with (metric, N), by N."""
+    found = [(col, split) for col in table.columns if (split := split_context(col)) and split[0] == "val_loss"]
+    return sorted(found, key=lambda item: item[1][1])
 
 
 def summary_frame(table: pd.DataFrame) -> pd.DataFrame:

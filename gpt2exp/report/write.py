@@ -37,22 +37,25 @@ def write_report(runs: Runs, table: pd.DataFrame, out_dir: str | Path, log: bool
 
 def report_files(runs: Runs, folder: Path, table: pd.DataFrame) -> dict[str, Path]:
     """``report.md``, ``report.html`` and ``<metric>.png`` in ``folder``: the comparison ``table`` of ``runs``
-    and their curves."""
-    from gpt2exp.report.plots import plot_curves  # matplotlib: only when a report is written
+    and their curves; with ``eval.contexts``, the long-context figures too (:mod:`gpt2exp.report.context`)."""
+    from gpt2exp.report.context import plot_context_figures  # matplotlib: only when a report is written
+    from gpt2exp.report.plots import plot_curves
 
     metric = table.attrs["metric"]
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"{metric.replace('/', '_')}.png"
     plot_curves(runs, metric, png, variants=list(table.variant), table=table)
+    figures = plot_context_figures(runs, folder, list(table.variant))  # eval.contexts: {} without
     md = folder / "report.md"
     md.write_text(
         f"# {runs.experiment}: comparison of variants\n\n"
         f"Parent run `{runs.parent_id}` · metric `{metric}` · baseline `{table.attrs['baseline']}`\n\n"
         f"{render(table, 'markdown')}\n![{metric} curves]({png.name})\n"
+        + "".join(f"\n![{path.stem.replace('_', ' ')}]({path.name})\n" for path in figures.values())
     )
     page = folder / "report.html"
-    page.write_text(to_html(table, png))
-    return {"markdown": md, "html": page, "plot": png}
+    page.write_text(to_html(table, png, list(figures.values())))
+    return {"markdown": md, "html": page, "plot": png, **figures}
 
 
 def log_report(

@@ -19,6 +19,7 @@ from pydantic import (
 from gpt2exp.spec.sections import (
     MAX_RUNS,
     DataSpec,
+    EvalSpec,
     ModelSpec,
     Name,
     ParallelSpec,
@@ -47,6 +48,7 @@ class ExperimentSpec(Strict):
     train: TrainSpec
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     variants: list[VariantSpec] = Field(default_factory=list)
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="Dotted path -> values (numbers, strings, true/false, null); crossed with variants."
@@ -69,6 +71,7 @@ class ExperimentSpec(Strict):
         paths = [("grid", k) for k in self.grid] + [(f"variants[{v.name}].set", k) for v in self.variants for k in v.set]
         problems += [f"{where}: {msg}" for where, key in paths if (msg := _path_problem(key))]
         problems += self._expansion_problems()
+        problems += self._context_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -97,6 +100,18 @@ class ExperimentSpec(Strict):
         if dupes := sorted(n for n, count in names.items() if count > 1):
             out.append(f"variants: {dupes} would each be made more than once; give each variant and each grid value once")
         return out
+
+    def _context_problems(self) -> list[str]:
+        """Learned positions have block_size of them: a longer eval context is an error (checked on each variant; the
+        base of a spec with variants runs only through them)."""
+        m, longer = self.model, [n for n in self.eval.contexts if n > self.model.block_size]
+        if m.positional != "learned" or not longer or self.variants or self.grid:
+            return []
+        fits = [n for n in self.eval.contexts if n <= m.block_size]
+        return [
+            f"eval.contexts: {longer} are longer than the {m.block_size} positions learned positions have (block_size); "
+            f"set eval.contexts: {fits} (on this variant: `set: {{eval.contexts: {fits}}}`) or use positional rope, alibi, sinusoidal or none"
+        ]
 
     @property
     def micro_batch_size(self) -> int:
@@ -144,6 +159,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "train": TrainSpec,
     "parallel": ParallelSpec,
     "tracking": TrackingSpec,
+    "eval": EvalSpec,
 }
 
 

@@ -293,3 +293,50 @@ with warnings.catch_warnings():  # `register` shadows ABCMeta.register on the cl
         register: str | None = Field(default=None, description="Register the best variant's model under this name, alias 'best'.")
         log_checkpoints: bool = True
         system_metrics: bool = True
+
+
+# ----------------------------------------------------------------------------------------- eval
+Context = Annotated[int, Field(gt=0, le=2**20)]
+
+
+class EvalSpec(Strict):
+    """Long-context evaluation after training: the validation split scored at several context lengths."""
+
+    contexts: list[Context] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Context lengths N (tokens) at which the final model scores the validation split: windows of N "
+        "tokens advancing by N/2, so each token sees N/2+1 to N tokens; logged as val_loss@N (MLflow key val_loss_ctxN). "
+        "May exceed model.block_size, except with learned positions.",
+    )
+    tokens: int | None = Field(
+        default=None,
+        gt=0,
+        le=10**15,
+        description="Tokens scored at each context: the validation split's last ones (at most half of it), the same at every "
+        "context and for every variant (default: the final evaluation's budget).",
+    )
+
+    @field_validator("contexts")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if dupes := sorted(n for n, count in Counter(v).items() if count > 1):
+            raise ValueError(f"contexts {dupes} are given more than once; give each context once")
+        return v
+
+
+def context_metric(metric: str, context: int) -> str:
+    """The MLflow key of ``metric`` at context N: ``val_loss_ctx512`` (MLflow keys cannot hold ``@``)."""
+    return f"{metric}_ctx{context}"
+
+
+def metric_key(name: str) -> str:
+    """A metric as the user may name it (``val_loss@512``) as its MLflow key (``val_loss_ctx512``)."""
+    base, at, n = name.rpartition("@")
+    return context_metric(base, int(n)) if at and n.isdigit() else name
+
+
+def split_context(key: str) -> tuple[str, int] | None:
+    """``val_loss_ctx512`` -> ("val_loss", 512): the metric and context of a long-context key, else None."""
+    match = re.fullmatch(r"(\w+?)_ctx(\d+)", key)
+    return (match[1], int(match[2])) if match else None

@@ -27,6 +27,7 @@ from mlflow.utils.async_logging.run_operations import RunOperations
 
 from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
+from gpt2exp.spec.sections import split_context
 from gpt2exp.tracking.store import sqlite_path
 from gpt2exp.training.job import RunRef
 
@@ -275,11 +276,20 @@ class RunLogger:
         if step in self.logged:
             return
         now = int(time.time() * 1000)
-        self.sent = [Metric(k, float(record[k]), now, step) for k in METRICS if record.get(k) is not None]
+        keys = [*METRICS, *(k for k in record if split_context(k))]  # val_loss_ctx512: eval.contexts
+        self.sent = [Metric(k, float(record[k]), now, step) for k in keys if record.get(k) is not None]
         operations = self.client.log_batch(self.ref.run_id, metrics=self.sent, synchronous=False)
         assert operations is not None  # synchronous=False: the batch's pending operations
         self.pending.append(operations)
         self.logged.add(step)
+
+    def log_series(self, key: str, values: dict[int, float]) -> None:
+        """A curve over steps that are not training steps (logged again alike by a resumed run: the report keeps one per step)."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(v), now, int(step)) for step, v in values.items()]
+        operations = self.client.log_batch(self.ref.run_id, metrics=metrics, synchronous=False)
+        assert operations is not None  # synchronous=False: the batch's pending operations
+        self.pending.append(operations)
 
     def flush(self) -> None:
         """Wait until every record sent is stored (MLflow reports one that fails): called before a checkpoint

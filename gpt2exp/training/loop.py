@@ -19,7 +19,7 @@ from gpt2exp.model import GPT
 from gpt2exp.parallel.distributed import all_mean, grad_sync, wrap
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.training.checkpoint import read_state, save_final, write_state
-from gpt2exp.training.evaluate import score_windows
+from gpt2exp.training.evaluate import ContextEval, score_windows
 from gpt2exp.training.job import Diverged, TrainJob
 from gpt2exp.training.metrics import mfu, peak_flops
 from gpt2exp.training.optim import build_optimizer, lr_at
@@ -62,6 +62,9 @@ class RunLog(Protocol):
     def final_model(self, final_dir: Path, step: int) -> None:
         """The final model, saved in ``final_dir``."""
 
+    def log_series(self, key: str, values: dict[int, float]) -> None:
+        """A curve whose steps are not training steps (``val_loss_by_position``: step = position)."""
+
 
 def _autocast(spec: ExperimentSpec, device: torch.device) -> contextlib.AbstractContextManager:
     precision = spec.train.precision
@@ -91,6 +94,9 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
     micro, accum = spec.micro_batch_size, spec.grad_accum_steps
     tokens_per_step = t.batch_size * spec.model.block_size
     final_eval_tokens = t.final_eval_budget(job.total_steps * tokens_per_step)
+    contexts = (
+        ContextEval(job.val_tokens, spec.eval.contexts, spec.eval.tokens or final_eval_tokens) if spec.eval.contexts else None
+    )
     peak = peak_flops(device, spec.parallel.peak_flops)
     ckpt_every = t.checkpoint_interval or t.eval_interval
 
@@ -152,6 +158,14 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
             if done % t.eval_interval == 0 or is_last:  # the last evaluation scores more of the same windows
                 record["val_loss"], record["val_loss_se"] = evaluate(final_eval_tokens if is_last else t.eval_tokens)
                 record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
+            if is_last and contexts is not None:  # the final model at other context lengths, all ranks taking part
+                with _autocast(spec, device):
+                    scores, by_position = contexts.run(
+                        model, micro * spec.model.block_size, device, session.rank, session.world_size
+                    )
+                record.update(scores)
+                if logger is not None:
+                    logger.log_series("val_loss_by_position", by_position)
             last.update(record)
             session.emit({**record, "event": "step", "total_steps": job.total_steps})
             if logger is not None:
