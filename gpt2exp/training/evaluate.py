@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2exp.data.loader import EvalWindows, to_device
@@ -20,8 +19,7 @@ from gpt2exp.parallel.distributed import all_sum
 
 def window_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Mean next-token loss of each window: x, y (b, T) -> (b,) float32."""
-    logits, _ = model(x)  # (b, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return model(x, y, reduction="none")[1].mean(1)  # (b, T) -> (b,)
 
 
 @torch.no_grad()
