@@ -2,7 +2,7 @@
 
 ``linear_cross_entropy(h, W, targets)`` equals ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)``
 in value and gradients (to float32 rounding), but works through the rows of h a chunk at a time: the
-forward computes each chunk's logits, its softmax, its loss and at once its gradients w.r.t. h and W,
+forward computes each chunk's logits, its softmax (in place), its loss and at once its gradients w.r.t. h and W,
 so only one (rows × vocab) block of logits exists at any moment (the idea of Liger-Kernel's
 FusedLinearCrossEntropy and Apple's cut-cross-entropy). The backward only scales the saved gradients.
 """
@@ -52,11 +52,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, chunk: int) -> Tensor:
         N, V = h.size(0), weight.size(0)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: float32 at least
         scored = targets != IGNORE  # (N,)
         count = scored.sum()
-        rows = scored / count.clamp(min=1)  # (N,) each row's weight in the mean: 1/count, 0 if ignored
+        rows = (scored / count.clamp(min=1)).to(acc)  # (N,) each row's weight in the mean: 1/count, 0 if ignored
         t = targets.clamp(min=0)[:, None]  # (N, 1) a valid index on ignored rows too
-        acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: float32 at least
         w = weight.to(dtype)  # (V, C)
         grad_h = torch.empty_like(h)  # (N, C)
         grad_w = torch.zeros_like(weight, dtype=acc)  # (V, C) accumulated over chunks
@@ -65,18 +65,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
             hc, tc, rc = h[s : s + n].to(dtype), t[s : s + n], rows[s : s + n, None]  # (n, C), (n, 1), (n, 1)
-            z = torch.mm(hc, w.T, out=logits[:n])  # (n, V)
-            p = torch.softmax(z, 1, dtype=acc)  # (n, V)
-            # log-sum-exp = max z - log max p (max p is at least 1/V, so this never underflows)
-            lse = z.amax(1, keepdim=True).to(acc) - p.amax(1, keepdim=True).log()
-            total += ((lse - z.gather(1, tc).to(acc)) * rc).sum()
-            p.scatter_add_(1, tc, torch.full_like(lse, -1.0))  # d loss / d logits = (p - onehot) * row weight
+            z = torch.mm(hc, w.T, out=logits[:n]).to(acc)  # (n, V), in place unless autocast's dtype is narrower
+            top, picked = z.amax(1, keepdim=True), z.gather(1, tc)  # (n, 1) each
+            p = z.sub_(top).exp_()  # (n, V) softmax numerators, over the logits
+            norm = p.sum(1, keepdim=True)  # (n, 1)
+            total += ((top + norm.log() - picked) * rc).sum()  # log-sum-exp - target logit
+            p.mul_(rc / norm).scatter_add_(1, tc, -rc)  # d loss / d logits = (softmax - one-hot) * row weight
             g = p.to(dtype)
-            grad_h[s : s + n] = torch.mm(g, w) * rc
+            grad_h[s : s + n] = torch.mm(g, w)
             if grad_w.dtype == dtype:
-                grad_w.addmm_(g.T, hc * rc.to(dtype))
+                grad_w.addmm_(g.T, hc)
             else:
-                grad_w += torch.mm(g.T, hc * rc.to(dtype))
+                grad_w += torch.mm(g.T, hc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return torch.where(count > 0, total, torch.nan)  # F.cross_entropy's mean of nothing is nan too
