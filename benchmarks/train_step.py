@@ -8,6 +8,7 @@ median step time over rounds is reported.
 
     python benchmarks/train_step.py                      # eager, default config
     python benchmarks/train_step.py --rounds 20 --compile  # also torch.compile'd versions
+    python benchmarks/train_step.py --full-logits      # also ours with the loss over the full logits
 """
 
 from __future__ import annotations
@@ -59,7 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of >= 2-D parameters")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (none: torch's choice)")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time steps by the process's CPU time instead of wall time (with --threads 1: the work a step takes, "
+        "much less sensitive than wall time to other jobs on a shared machine)",
+    )
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd versions of both models")
+    p.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="also measure ours with the loss taken from the full logits (return_logits=True, the path before model/loss.py)",
+    )
     p.add_argument(
         "--warm-cache",
         action="store_true",
@@ -131,6 +143,11 @@ def contenders(args: argparse.Namespace, idx: Tensor, targets: Tensor) -> list[C
             make_step(hf, fwd_hf, adamw(decay_groups(hf, args.weight_decay), args), args.grad_clip),
         ),
     ]
+    if args.full_logits:
+        full, _ = build_models(args)
+        fwd_full: Callable[[nn.Module], Tensor] = lambda m: m(idx, targets, return_logits=True)[1]
+        opt = adamw(full.optim_groups(args.weight_decay), args)
+        out.append(Contender("gpt2exp GPT, full logits (eager)", make_step(full, fwd_full, opt, args.grad_clip)))
     if args.compile:
         c_ours, c_hf = build_models(args)
         opt_o, opt_h = adamw(c_ours.optim_groups(args.weight_decay), args), adamw(decay_groups(c_hf, args.weight_decay), args)
@@ -153,12 +170,13 @@ def run(args: argparse.Namespace) -> list[Contender]:
         for _ in range(max(1, args.warmup)):
             c.step()
         c.setup_s = time.perf_counter() - t0
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for r in range(args.rounds):
         for c in models:  # A, B, A, B, ...
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 c.step()
-            c.times.append((time.perf_counter() - t0) / args.steps)
+            c.times.append((clock() - t0) / args.steps)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c.name} {1e3 * c.times[-1]:.0f} ms" for c in models), flush=True)
     return models
 
@@ -170,21 +188,21 @@ def report(args: argparse.Namespace, models: list[Contender]) -> None:
         f"{datetime.now(UTC):%Y-%m-%d} torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"n_layer={args.layers} n_embd={args.embd} n_head={args.heads} block={args.block} batch={args.batch} "
         f"vocab={args.vocab}; median of {args.rounds} rounds x {args.steps} steps"
+        f"{' (CPU time)' if args.cpu_time else ''}"
     )
     width = max(len(c.name) for c in models)
     print(f"{'model':<{width}}  {'tokens/s':>9}  {'ms/step':>8}  {'min-max ms':>12}  {'warmup s':>8}")
     for c in models:
         spread = f"{1e3 * min(c.times):.0f}-{1e3 * max(c.times):.0f}"
         print(f"{c.name:<{width}}  {tokens / c.median:>9.0f}  {1e3 * c.median:>8.0f}  {spread:>12}  {c.setup_s:>8.1f}")
-    for i in range(0, len(models), 2):
-        ours, hf = models[i], models[i + 1]
+    for ours in (c for c in models if not c.name.startswith("HF")):  # each against HF of its kind
         kind = "compiled" if "compiled" in ours.name else "eager"
+        hf = next(c for c in models if c.name.startswith("HF") and kind in c.name)
         paired = statistics.median(h / o for o, h in zip(ours.times, hf.times, strict=True))
-        print(f"ratio ours/HF ({kind}, tokens/s): {hf.median / ours.median:.3f} (median of per-round ratios: {paired:.3f})")
+        print(f"ratio {ours.name} / HF (tokens/s): {hf.median / ours.median:.3f} (median of per-round ratios: {paired:.3f})")
     if args.compile:  # kernels both models share are compiled once, while compiling ours (first)
-        print(
-            f"compile time (first {max(1, args.warmup)} steps): " + ", ".join(f"{c.name} {c.setup_s:.1f} s" for c in models[2:])
-        )
+        compiled = (c for c in models if "compiled" in c.name)
+        print(f"compile time (first {max(1, args.warmup)} steps): " + ", ".join(f"{c.name} {c.setup_s:.1f} s" for c in compiled))
 
 
 def main(argv: list[str] | None = None) -> None:

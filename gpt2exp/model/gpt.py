@@ -6,6 +6,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from gpt2exp.errors import INPUT, Gpt2expError
 from gpt2exp.model.attention import CausalSelfAttention, KVCache, Span, attention_mask, narrowest_window
 from gpt2exp.model.decode import Decoder
+from gpt2exp.model.loss import IGNORE, linear_cross_entropy
 from gpt2exp.model.positional import rope_cache, sinusoidal_table
 from gpt2exp.spec import ModelSpec
 
@@ -71,7 +73,7 @@ class Transformer(nn.ModuleDict):
 
 class GPT(nn.Module):
     """GPT-2 with multi-head/grouped-query/multi-query attention and learned, sinusoidal, RoPE,
-    ALiBi or no positions. ``forward(idx, targets) -> (logits, loss)``.
+    ALiBi or no positions. ``forward(idx) -> (logits, None)``, ``forward(idx, targets) -> (None, loss)``.
 
     ``GPT(spec, seed=s)`` draws every parameter from (s, its name) alone (see ``init_weights``), so
     two variants built with one seed share every tensor whose name and shape agree."""
@@ -181,13 +183,22 @@ class GPT(nn.Module):
                 f"(block_size={limit}); give at most {limit} tokens of context"
             )
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, vocab) and, given targets (B, T; -1 ignored), the mean cross-entropy."""
-        logits = self.lm_head(self.hidden_states(idx))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, return_logits: bool = False, reduction: Literal["mean", "none"] = "mean"
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(logits (B, T, vocab), None) without targets. Given targets (B, T; -1 ignored): (None, loss), the
+        mean cross-entropy (``reduction="none"``: per token, (B, T), 0 where ignored), computed a chunk of
+        rows at a time without the full logits (``model.loss``); ``return_logits=True`` gives
+        (logits, loss), the loss then taken from the logits."""
+        h = self.hidden_states(idx)  # (B, T, C)
+        logits = self.lm_head(h) if targets is None or return_logits else None  # (B, T, V)
+        if targets is None:
+            return logits, None
+        if logits is None:
+            loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
+        return logits, loss if reduction == "mean" else loss.view_as(targets)
 
     # ---------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2exp.data.loader import EvalWindows, StridedWindows, to_device
@@ -22,8 +21,7 @@ from gpt2exp.spec.sections import context_metric
 
 def token_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Next-token loss of each token: x, y (b, T) -> (b, T) float32."""
-    logits, _ = model(x)  # (b, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
+    return model(x, y, reduction="none")[1]  # chunked over the vocabulary: no (b, T, V) logits
 
 
 def window_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
