@@ -186,7 +186,6 @@ def test_other_model_type(hf_folder: Path, tmp_path: Path) -> None:
         {"scale_attn_by_inverse_layer_idx": True},
         {"scale_attn_weights": False},
         {"layer_norm_epsilon": 1e-3},
-        {"n_inner": 128},
     ],
     ids=lambda c: next(iter(c)),
 )
