@@ -39,9 +39,10 @@ def test_kv_bytes_per_token_is_what_the_cache_holds(kv: int) -> None:
     )
 
 
-def test_benchmark_leaves_the_model_as_it_was() -> None:
-    spec = validate_spec({"name": "t", "model": {"vocab_size": 64, "block_size": 24, "n_layer": 1, "n_head": 2, "n_embd": 16},
-                          "train": {"max_steps": 1, "batch_size": 2}})  # fmt: skip
+@pytest.mark.parametrize("block", [24, 8], ids=["long", "shorter-than-decode"])  # 8 < DECODE_STEPS: 7 steps after 1 token
+def test_benchmark_leaves_the_model_as_it_was(block: int) -> None:
+    model_spec = {"vocab_size": 64, "block_size": block, "n_layer": 1, "n_head": 2, "n_embd": 16, "positional": "learned"}
+    spec = validate_spec({"name": "t", "model": model_spec, "train": {"max_steps": 1, "batch_size": 2}})
     model = GPT(spec.model, seed=0).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(model, spec, torch.device("cpu"))

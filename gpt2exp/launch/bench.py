@@ -8,7 +8,8 @@ Per round and variant, on the spec's device, in its precision:
 
 - ``prefill_tokens_per_sec``: one prompt of block_size tokens through the model into a fresh KV cache;
 - ``decode_tokens_per_sec``: greedy decoding with the KV cache at batch 1, the cache holding
-  block_size - DECODE_STEPS tokens at the start (long contexts are where the KV cache's size shows);
+  block_size - DECODE_STEPS tokens at the start (long contexts are where the KV cache's size shows; a block
+  of at most DECODE_STEPS tokens decodes block_size - 1 tokens after a 1-token prompt);
 - ``decode_tokens_per_sec_b8``: the same at batch ``WIDE_BATCH`` (8), where reading the cache dominates sooner;
 - ``train_tokens_per_sec``: one forward + backward + AdamW step on the spec's micro-batch, on a copy of
   the model made once (the trained weights stay as they are).
@@ -19,6 +20,7 @@ it was: measured while other jobs shared the machine, it compares variants only 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -66,16 +68,18 @@ def _prefill(model: GPT, tokens: torch.Tensor, device: torch.device) -> float:
 
 @torch.no_grad()
 def _decode(model: GPT, prompt: torch.Tensor, device: torch.device) -> float:
-    """Tokens/s of DECODE_STEPS greedy steps with the KV cache, after an untimed prefill of prompt (B, T)."""
+    """Tokens/s of greedy steps with the KV cache up to the block's end (DECODE_STEPS at most), after an untimed
+    prefill of prompt (B, T)."""
+    n = model.spec.block_size - prompt.size(1)
     cache = KVCache(model.spec.n_layer, model.spec.block_size)
     nxt = model.lm_head(model.hidden_states(prompt, cache)[:, -1]).argmax(-1, keepdim=True)  # (B, 1)
 
     def steps() -> None:
         tok = nxt
-        for _ in range(DECODE_STEPS):
+        for _ in range(n):
             tok = model.lm_head(model.hidden_states(tok, cache)[:, -1]).argmax(-1, keepdim=True)
 
-    return prompt.size(0) * DECODE_STEPS / _timed(steps, device)
+    return prompt.size(0) * n / _timed(steps, device) if n else math.nan  # block_size 1: nothing to decode
 
 
 class Trainer:
