@@ -6,6 +6,10 @@ initialised ones of the same shapes: speed does not depend on the weights' value
 
     python benchmarks/inference_cost.py experiments/gqa_vs_mha.yaml
     python benchmarks/inference_cost.py experiments/gqa_vs_mha.yaml --set model.block_size=512 --rounds 5
+    python benchmarks/inference_cost.py experiments/gqa_vs_mha.yaml --threads 1 --cpu-time   # on a shared machine
+
+On a machine other jobs load, ``--threads 1 --cpu-time`` counts the CPU time this process spent rather than the
+wall time, which the load stretches by whatever share of the cores the process got.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2exp.launch.bench import interleaved
+from gpt2exp.launch.bench import Timer, interleaved
 from gpt2exp.model import GPT
 from gpt2exp.model.size import run_kv_bytes_per_token
 from gpt2exp.spec import load_spec
@@ -25,12 +29,13 @@ from gpt2exp.training.checkpoint import load_final
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("spec", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="a.b.c=value, as on the gpt2exp CLI")
     p.add_argument("--output", type=Path, default=Path("outputs"), help="where `gpt2exp run` put the experiment")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cpu-time", action="store_true", help="time by CPU time of this process (use with --threads 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec, args.overrides)
@@ -41,11 +46,14 @@ def main() -> None:
         models[v.name] = (model.eval(), v.spec)
         sources.append("trained" if final.is_dir() else "fresh")
     t0 = time.perf_counter()
-    figures = interleaved(models, args.rounds, torch.device("cpu"))
+    figures = interleaved(
+        models, args.rounds, Timer(torch.device("cpu"), time.process_time if args.cpu_time else time.perf_counter)
+    )
     m = spec.model
     print(
         f"{spec.name}: {m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads, block {m.block_size}, micro-batch "
-        f"{spec.micro_batch_size}; {args.rounds} rounds, {args.threads} threads, {time.perf_counter() - t0:.0f} s, "
+        f"{spec.micro_batch_size}; {args.rounds} rounds, {args.threads} threads, {'CPU' if args.cpu_time else 'wall'} time, "
+        f"{time.perf_counter() - t0:.0f} s, "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
     base = figures[next(iter(figures))]

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from rich.console import Console
 
-from gpt2exp.launch.bench import Trainer, measure
+from gpt2exp.launch.bench import Timer, Trainer, measure
 from gpt2exp.launch.runner import run_experiment
 from gpt2exp.model import GPT, KVCache
 from gpt2exp.model.size import kv_bytes_per_token, kv_cache_bytes
@@ -45,7 +45,7 @@ def test_benchmark_leaves_the_model_as_it_was(block: int) -> None:
     spec = validate_spec({"name": "t", "model": model_spec, "train": {"max_steps": 1, "batch_size": 2}})
     model = GPT(spec.model, seed=0).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(model, spec, torch.device("cpu"))
+    trainer = Trainer(model, spec, Timer(torch.device("cpu")))
     figures = measure(model, trainer, torch.Generator().manual_seed(0))
     assert set(figures) == set(BENCH_METRICS) and all(v > 0 and math.isfinite(v) for v in figures.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the copy trained, not the model

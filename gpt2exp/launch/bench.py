@@ -24,6 +24,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,15 +43,22 @@ DECODE_STEPS = 16  # greedy tokens timed per decode measurement
 WIDE_BATCH = 8
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds ``fn`` takes, the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+@dataclass(frozen=True)
+class Timer:
+    """Seconds a call takes on ``device`` (its queue drained before and after), by ``clock``: wall time, or
+    ``time.process_time`` for the CPU time of a one-thread process, which other jobs' load barely moves."""
+
+    device: torch.device
+    clock: Callable[[], float] = time.perf_counter
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = self.clock()
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.clock() - t0
 
 
 def _autocast(spec: ExperimentSpec, device: torch.device) -> torch.autocast:
@@ -60,14 +68,14 @@ def _autocast(spec: ExperimentSpec, device: torch.device) -> torch.autocast:
 
 
 @torch.no_grad()
-def _prefill(model: GPT, tokens: torch.Tensor, device: torch.device) -> float:
+def _prefill(model: GPT, tokens: torch.Tensor, timed: Timer) -> float:
     """Tokens/s of a block_size prompt (1, T) into a fresh cache, up to the next token's logits."""
     cache = KVCache(model.spec.n_layer, model.spec.block_size)
-    return tokens.numel() / _timed(lambda: model.lm_head(model.hidden_states(tokens, cache)[:, -1]), device)
+    return tokens.numel() / timed(lambda: model.lm_head(model.hidden_states(tokens, cache)[:, -1]))
 
 
 @torch.no_grad()
-def _decode(model: GPT, prompt: torch.Tensor, device: torch.device) -> float:
+def _decode(model: GPT, prompt: torch.Tensor, timed: Timer) -> float:
     """Tokens/s of greedy steps with the KV cache up to the block's end (DECODE_STEPS at most), after an untimed
     prefill of prompt (B, T)."""
     n = model.spec.block_size - prompt.size(1)
@@ -79,51 +87,51 @@ def _decode(model: GPT, prompt: torch.Tensor, device: torch.device) -> float:
         for _ in range(n):
             tok = model.lm_head(model.hidden_states(tok, cache)[:, -1]).argmax(-1, keepdim=True)
 
-    return prompt.size(0) * n / _timed(steps, device) if n else math.nan  # block_size 1: nothing to decode
+    return prompt.size(0) * n / timed(steps) if n else math.nan  # block_size 1: nothing to decode
 
 
 class Trainer:
     """A copy of a model with its own AdamW, for timed training steps that leave the model itself as it is."""
 
-    def __init__(self, model: GPT, spec: ExperimentSpec, device: torch.device) -> None:
-        self.model, self.spec, self.device = copy.deepcopy(model).train(), spec, device
-        self.optimizer = build_optimizer(self.model, spec.train, device)
+    def __init__(self, model: GPT, spec: ExperimentSpec, timed: Timer) -> None:
+        self.model, self.spec, self.timed = copy.deepcopy(model).train(), spec, timed
+        self.optimizer = build_optimizer(self.model, spec.train, timed.device)
 
     def tokens_per_sec(self, batch: torch.Tensor) -> float:
         """Tokens/s of one forward + backward + AdamW step on batch (B, T + 1)."""
 
         def step() -> None:
-            with _autocast(self.spec, self.device):
+            with _autocast(self.spec, self.timed.device):
                 _, loss = self.model(batch[:, :-1], batch[:, 1:])
             assert loss is not None
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-        return batch[:, :-1].numel() / _timed(step, self.device)
+        return batch[:, :-1].numel() / self.timed(step)
 
 
 def measure(model: GPT, trainer: Trainer, gen: torch.Generator) -> dict[str, float]:
     """One round's figures (``BENCH_METRICS``) of one model; the tokens come from ``gen`` (seeded alike for every
     variant: paired inputs)."""
-    s, spec, device = model.spec, trainer.spec, trainer.device
+    s, spec, timed = model.spec, trainer.spec, trainer.timed
     prompt_len = max(1, s.block_size - DECODE_STEPS)
-    draw = lambda *shape: torch.randint(s.vocab_size, shape, generator=gen).to(device)
-    with _autocast(spec, device):
+    draw = lambda *shape: torch.randint(s.vocab_size, shape, generator=gen).to(timed.device)
+    with _autocast(spec, timed.device):
         figures = {
-            "prefill_tokens_per_sec": _prefill(model, draw(1, s.block_size), device),
-            "decode_tokens_per_sec": _decode(model, draw(1, prompt_len), device),
-            "decode_tokens_per_sec_b8": _decode(model, draw(WIDE_BATCH, prompt_len), device),
+            "prefill_tokens_per_sec": _prefill(model, draw(1, s.block_size), timed),
+            "decode_tokens_per_sec": _decode(model, draw(1, prompt_len), timed),
+            "decode_tokens_per_sec_b8": _decode(model, draw(WIDE_BATCH, prompt_len), timed),
         }
     figures["train_tokens_per_sec"] = trainer.tokens_per_sec(draw(spec.micro_batch_size, s.block_size + 1))
     return figures
 
 
-def interleaved(models: dict[str, tuple[GPT, ExperimentSpec]], rounds: int, device: torch.device) -> dict[str, dict[str, float]]:
+def interleaved(models: dict[str, tuple[GPT, ExperimentSpec]], rounds: int, timed: Timer) -> dict[str, dict[str, float]]:
     """Median figures per variant over ``rounds`` interleaved rounds (round r starts with the r-th variant),
     after one untimed warm-up round (allocators, kernels, AdamW's state)."""
     names = list(models)
-    trainers = {n: Trainer(model, spec, device) for n, (model, spec) in models.items()}
+    trainers = {n: Trainer(model, spec, timed) for n, (model, spec) in models.items()}
     samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     for r in range(-1, rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -144,5 +152,5 @@ def benchmark_plan(plan: Plan) -> dict[str, tuple[str, dict[str, float]]]:
         return {}
     device = torch.device("cuda" if plan.spec.parallel.use_gpu and torch.cuda.is_available() else "cpu")
     models = {v: (load_final(Path(j.run_dir) / "final", device).eval(), j.spec) for v, j in firsts.items()}
-    figures = interleaved(models, plan.spec.train.benchmark_rounds, device)
+    figures = interleaved(models, plan.spec.train.benchmark_rounds, Timer(device))
     return {v: (firsts[v].key, figures[v]) for v in firsts}
