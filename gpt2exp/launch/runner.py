@@ -172,7 +172,7 @@ def execute(
     try:
         with view:
             runner(plan, Recorder(plan, view))
-        costs = benchmark(plan, tracker, result.notes)
+        costs = benchmark(plan, tracker, console or Console(), result.notes)
     finally:
         result.runs = results_table(plan.jobs)
         add_cost_columns(result.runs, plan, costs)
@@ -191,22 +191,27 @@ def execute(
     return result
 
 
-def benchmark(plan: Plan, tracker: ExperimentTracker | None, notes: list[str]) -> dict[str, tuple[str, dict[str, float]]]:
+def benchmark(
+    plan: Plan, tracker: ExperimentTracker | None, console: Console, notes: list[str]
+) -> dict[str, tuple[str, dict[str, float]]]:
     """The interleaved speed benchmark of the variants' final models (``gpt2exp.launch.bench``), logged into
     each measured job's MLflow run; one that fails is a note: the training results stand."""
-    if plan.spec.train.benchmark_rounds == 0 or int(os.environ.get("RANK", 0)) != 0:
+    rounds = plan.spec.train.benchmark_rounds
+    if rounds == 0 or int(os.environ.get("RANK", 0)) != 0:
         return {}
     from gpt2exp.launch.bench import benchmark_plan
 
+    console.print(f"speed benchmark of the final models: {rounds} interleaved round(s)", highlight=False)
     try:
         costs = benchmark_plan(plan)
     except Exception as e:
         notes.append(f"no speed benchmark: {type(e).__name__}: {e}")
+        console.print(f"[yellow]no speed benchmark:[/] {type(e).__name__}: {e}", highlight=False)
         return {}
-    runs = {j.key: j.tracking.run_id for j in plan.jobs if j.tracking is not None}
     if tracker is not None:
         from mlflow.entities import Metric
 
+        runs = {j.key: j.tracking.run_id for j in plan.jobs if j.tracking is not None}
         now = int(time.time() * 1000)
         for key, figures in costs.values():
             if key in runs:
@@ -229,19 +234,8 @@ def print_results(console: Console, results: pd.DataFrame) -> None:
     from rich.table import Table
 
     table = Table(title="runs")
-    cols = (
-        "variant",
-        "seed",
-        "params",
-        "tokens",
-        "train loss",
-        "val loss",
-        "± se",
-        "perplexity",
-        "tokens/s (training)",
-        "wall s",
-    )
-    cols += ("status",)
+    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "± se", "perplexity", "tokens/s (training)")
+    cols += ("wall s", "status")
     for col in cols:
         table.add_column(col, justify="left" if col in ("variant", "status") else "right")
     num = lambda v, f: "" if v is None or v != v else format(v, f)
