@@ -11,6 +11,7 @@ from pathlib import Path
 from gpt2exp.data.prepare import TokenData, prepare
 from gpt2exp.errors import check_inside
 from gpt2exp.launch.status import read_status
+from gpt2exp.model.size import flops_per_token
 from gpt2exp.spec import DataSpec, ExperimentSpec
 from gpt2exp.training.job import TrainJob
 
@@ -27,13 +28,16 @@ class Plan:
 
 
 def total_steps(spec: ExperimentSpec, n_train_tokens: int) -> int:
-    """The step budget from max_steps, max_tokens or max_epochs (tokens per step = batch x block)."""
+    """The step budget from max_steps, max_tokens, max_epochs or max_flops (tokens per step = batch x
+    block; FLOPs per step = that x the variant's ``flops_per_token``, so a costlier variant gets fewer steps)."""
     t = spec.train
     per_step = t.batch_size * spec.model.block_size
     if t.max_steps:
         return t.max_steps
     if t.max_tokens:
         return math.ceil(t.max_tokens / per_step)
+    if t.max_flops:
+        return max(1, round(t.max_flops / (flops_per_token(spec.model) * per_step)))
     assert t.max_epochs is not None  # TrainSpec requires one budget
     return max(1, math.ceil(t.max_epochs * n_train_tokens / per_step))
 

@@ -26,6 +26,7 @@ from gpt2exp.launch.progress import ProgressView, Recorder
 from gpt2exp.launch.status import outcome, results_table
 from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
+from gpt2exp.training.job import BENCH_METRICS
 
 if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
@@ -169,11 +170,14 @@ def execute(
     else:
         runner = run_jobs_locally
     result = ExperimentResult(plan.spec, plan.out_dir, pd.DataFrame())
+    costs: dict[str, tuple[str, dict[str, float]]] = {}
     try:
         with view:
             runner(plan, Recorder(plan, view))
+        costs = benchmark(plan, tracker, console or Console(), result.notes)
     finally:
         result.runs = results_table(plan.jobs)
+        add_cost_columns(result.runs, plan, costs)
         if tracker is not None:
             result.tracking_uri, result.parent_run_id = tracker.uri, tracker.parent_id
             result.runs["run_id"] = [j.tracking.run_id if j.tracking else None for j in plan.jobs]
@@ -189,12 +193,51 @@ def execute(
     return result
 
 
+def benchmark(
+    plan: Plan, tracker: ExperimentTracker | None, console: Console, notes: list[str]
+) -> dict[str, tuple[str, dict[str, float]]]:
+    """The interleaved speed benchmark of the variants' final models (``gpt2exp.launch.bench``), logged into
+    each measured job's MLflow run; one that fails is a note: the training results stand."""
+    rounds = plan.spec.train.benchmark_rounds
+    if rounds == 0 or int(os.environ.get("RANK", 0)) != 0:
+        return {}
+    from gpt2exp.launch.bench import benchmark_plan
+
+    console.print(f"speed benchmark of the final models: {rounds} interleaved round(s)", highlight=False)
+    try:
+        costs = benchmark_plan(plan)
+    except Exception as e:
+        notes.append(f"no speed benchmark: {type(e).__name__}: {e}")
+        console.print(f"[yellow]no speed benchmark:[/] {type(e).__name__}: {e}", highlight=False)
+        return {}
+    if tracker is not None:
+        from mlflow.entities import Metric
+
+        runs = {j.key: j.tracking.run_id for j in plan.jobs if j.tracking is not None}
+        now = int(time.time() * 1000)
+        for key, figures in costs.values():
+            if key in runs:
+                tracker.client.log_batch(runs[key], metrics=[Metric(k, v, now, 0) for k, v in figures.items()])
+    return costs
+
+
+def add_cost_columns(runs: pd.DataFrame, plan: Plan, costs: dict[str, tuple[str, dict[str, float]]]) -> None:
+    """``kv_bytes_per_token`` of every run and the benchmark's figures on the row of the job measured."""
+    from gpt2exp.model.size import run_kv_bytes_per_token
+
+    runs["kv_bytes_per_token"] = [run_kv_bytes_per_token(j.spec) for j in plan.jobs]
+    measured = {key: figures for key, figures in costs.values()}
+    for name in BENCH_METRICS:
+        runs[name] = [measured[j.key][name] if j.key in measured else float("nan") for j in plan.jobs]
+
+
 def print_results(console: Console, results: pd.DataFrame) -> None:
     """The table of runs: one row per variant and seed (the comparison of variants follows it)."""
     from rich.table import Table
 
     table = Table(title="runs")
-    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "± se", "perplexity", "tokens/s", "wall s", "status")
+    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "± se", "perplexity", "tokens/s (training)")
+    cols += ("wall s", "status")
     for col in cols:
         table.add_column(col, justify="left" if col in ("variant", "status") else "right")
     num = lambda v, f: "" if v is None or v != v else format(v, f)
@@ -208,7 +251,7 @@ def print_results(console: Console, results: pd.DataFrame) -> None:
             num(r["val_loss"], ".4f"),
             num(r["val_loss_se"], ".4f"),
             num(r["val_perplexity"], ".2f"),
-            num(r["tokens_per_sec"], ",.0f"),
+            num(r["tokens_per_sec_during_training"], ",.0f"),
             num(r["wall_s"], ".1f"),
             str(r["status"]),
         )
@@ -249,6 +292,7 @@ def finish_tracking(plan: Plan, tracker: ExperimentTracker, result: ExperimentRe
 def track(plan: Plan) -> ExperimentTracker:
     """Create (or find again) the MLflow runs of the plan and attach each job's run to it. The
     model's own figures (parameters, FLOPs per token) are logged by the training loop, which builds it."""
+    from gpt2exp.model.size import run_kv_bytes_per_token
     from gpt2exp.tracking.runs import ExperimentTracker
 
     tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
@@ -256,6 +300,7 @@ def track(plan: Plan) -> ExperimentTracker:
     for job in plan.jobs:
         p = job.spec.parallel
         facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
+        facts["kv_bytes_per_token"] = run_kv_bytes_per_token(job.spec)
         ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts)
         data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
         # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it

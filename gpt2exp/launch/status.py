@@ -24,7 +24,7 @@ RESULT_COLUMNS = [
     "val_loss",
     "val_loss_se",
     "val_perplexity",
-    "tokens_per_sec",
+    "tokens_per_sec_during_training",  # the loop's tokens/s, with whatever else ran beside it (status.json: tokens_per_sec)
     "wall_s",
     "status",
     "error",
@@ -67,4 +67,4 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
 def results_table(jobs: list[TrainJob]) -> pd.DataFrame:
     """One row per job (``RESULT_COLUMNS``), from the outcomes recorded; a job without one is ``not run``."""
     rows = [read_status(j) or {"variant": j.variant, "seed": j.seed, "status": "not run"} for j in jobs]
-    return pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows).rename(columns={"tokens_per_sec": "tokens_per_sec_during_training"}).reindex(columns=RESULT_COLUMNS)

@@ -19,6 +19,7 @@ import pandas as pd
 from gpt2exp.report.runs import ReportError, Runs, context_keys, load_runs, lower_is_better, per_run
 from gpt2exp.report.stats import ALPHA, POWER, holm, mdd, mean_ci, paired_p_value, verdict
 from gpt2exp.spec.sections import metric_key, split_context
+from gpt2exp.training.job import BENCH_METRICS
 
 SEEDS_ADVICE = "Run at least 3 seeds: `train.seeds: [1, 2, 3]` in the spec, or `--set 'train.seeds=[1,2,3]'`."
 
@@ -27,7 +28,8 @@ def comparison_table(
     runs: Runs, metric: str = "val_loss", baseline: str | None = None, finished_only: bool = True
 ) -> pd.DataFrame:
     """One row per variant (spec order). Columns: variant, n_seeds, params, tokens, wall_s,
-    tokens_per_sec, final_<metric>, best_<metric>, perplexity, delta (final metric minus the
+    tokens_per_sec_during_training, final_<metric>, best_<metric>, perplexity, kv_bytes_per_token, the speed
+    benchmark's prefill/decode/decode_b8/train_tokens_per_sec (one seed measured, NaN without it), delta (final metric minus the
     baseline's: mean of the paired differences over shared seeds, else difference of means), with
     more than one seed ``<column>_ci95`` (half-width of the 95% t interval) after each measured column
     and ``delta_ci95`` (paired over shared seeds); then always ``n_paired``, ``p_value`` (paired t-test),
@@ -60,8 +62,9 @@ def comparison_table(
     multi = bool(per.groupby("variant").size().max() > 1)
     final = f"final_{metric}"
     base = per.loc[per.variant == baseline].set_index("seed")[final]
-    measured = ["params", "tokens", "wall_s", "tokens_per_sec", final, f"best_{metric}", "perplexity"]
+    measured = ["params", "tokens", "wall_s", "tokens_per_sec_during_training", final, f"best_{metric}", "perplexity"]
     measured += [key for _, key in context_keys(runs)]
+    measured += ["kv_bytes_per_token", *BENCH_METRICS]
     rows, diffs = [], []
     for name in variants:
         group = per.loc[per.variant == name]
@@ -69,7 +72,7 @@ def comparison_table(
         for col in measured:
             mean, ci, _ = mean_ci(group[col])
             row[col] = mean
-            if multi and col not in ("params", "tokens"):  # the same for every seed
+            if multi and col not in ("params", "tokens", "kv_bytes_per_token", *BENCH_METRICS):  # one value per variant
                 row[f"{col}_ci95"] = ci
         mine = group.set_index("seed")[final]
         pairable = not (mine.index.has_duplicates or base.index.has_duplicates)
@@ -155,14 +158,21 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
         ("params", "params", ",.0f"),
         ("tokens", "tokens", ",.0f"),
         ("wall s", "wall_s", ",.1f"),
-        ("tokens/s", "tokens_per_sec", ",.0f"),
+        ("tokens/s in training", "tokens_per_sec_during_training", ",.0f"),
         (f"final {metric}", f"final_{metric}", digits),
         (f"best {metric}", f"best_{metric}", digits),
         ("perplexity", "perplexity", ",.2f"),
         *((f"val_loss@{n}", key, digits) for key, (_, n) in _contexts(table)),
+        ("KV B/token", "kv_bytes_per_token", ",.0f"),
+        ("prefill tok/s", "prefill_tokens_per_sec", ",.0f"),
+        ("decode tok/s", "decode_tokens_per_sec", ",.0f"),
+        ("decode b8 tok/s", "decode_tokens_per_sec_b8", ",.0f"),
+        ("train tok/s", "train_tokens_per_sec", ",.0f"),
         (f"Δ {metric} vs {a['baseline']}", "delta", "+" + digits),
     ]
     out = pd.DataFrame({"variant": table.variant})
+    optional = ("kv_bytes_per_token", *BENCH_METRICS)  # runs without the benchmark (or from before it) lack them
+    cols = [c for c in cols if c[1] not in optional or bool(table[c[1]].notna().any())]
     for header, col, fmt in cols:
         ci = table.get(f"{col}_ci95") if multi else None
         out[header] = [_pm(m, c, fmt) for m, c in zip(table[col], ci if ci is not None else [None] * len(table), strict=True)]
@@ -198,8 +208,15 @@ def notes(table: pd.DataFrame) -> list[str]:
     lines = [
         f"Δ = final {a['metric']} minus the baseline's ({a['baseline']}); "
         f"{'lower' if a['lower_is_better'] else 'higher'} is better. "
-        "Wall time: training, from the metric timestamps; tokens/s: tokens trained per second of training, evaluation excluded."
+        "Wall time: training, from the metric timestamps; tokens/s in training: tokens trained per second of training, "
+        "evaluation excluded, with whatever else ran beside it."
     ]
+    if table.get("decode_tokens_per_sec") is not None and table.decode_tokens_per_sec.notna().any():
+        lines.append(
+            "KV B/token: key/value cache bytes per token of context in the run's precision. prefill/decode/train tok/s: "
+            "the final models (first seed) timed after training in interleaved rounds, median over rounds: a block_size "
+            "prompt; greedy decoding with the KV cache near full, batch 1 and 8; one training step on the micro-batch."
+        )
     if a.get("multi_seed"):
         lines.append(
             "mean ± half-width of the 95% confidence interval over seeds (Student t); Δ is paired over the seeds "

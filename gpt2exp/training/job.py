@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec import ExperimentSpec
 
+# figures of the interleaved speed benchmark of an experiment's final models (gpt2exp.launch.bench): MLflow metrics
+# of the measured run (each variant's first seed), columns of results.csv and of the comparison
+BENCH_METRICS = ("prefill_tokens_per_sec", "decode_tokens_per_sec", "decode_tokens_per_sec_b8", "train_tokens_per_sec")
+
 
 @dataclass(frozen=True)
 class RunRef:
