@@ -148,9 +148,9 @@ def benchmark_plan(plan: Plan) -> dict[str, tuple[str, dict[str, float]]]:
         final = Path(job.run_dir) / "final"
         if job.variant not in firsts and final.is_dir():
             firsts[job.variant] = job
-    if not firsts or plan.spec.train.benchmark_rounds == 0:
+    if not firsts or plan.spec.eval.benchmark_rounds == 0:
         return {}
     device = torch.device("cuda" if plan.spec.parallel.use_gpu and torch.cuda.is_available() else "cpu")
     models = {v: (load_final(Path(j.run_dir) / "final", device).eval(), j.spec) for v, j in firsts.items()}
-    figures = interleaved(models, plan.spec.train.benchmark_rounds, Timer(device))
+    figures = interleaved(models, plan.spec.eval.benchmark_rounds, Timer(device))
     return {v: (firsts[v].key, figures[v]) for v in firsts}

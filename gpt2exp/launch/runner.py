@@ -198,7 +198,7 @@ def benchmark(
 ) -> dict[str, tuple[str, dict[str, float]]]:
     """The interleaved speed benchmark of the variants' final models (``gpt2exp.launch.bench``), logged into
     each measured job's MLflow run; one that fails is a note: the training results stand."""
-    rounds = plan.spec.train.benchmark_rounds
+    rounds = plan.spec.eval.benchmark_rounds
     if rounds == 0 or int(os.environ.get("RANK", 0)) != 0:
         return {}
     from gpt2exp.launch.bench import benchmark_plan

@@ -235,13 +235,6 @@ class TrainSpec(Strict):
         default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
     )
     compile: bool = False
-    benchmark_rounds: int = Field(
-        default=3,
-        ge=0,
-        le=1000,
-        description="After training, rounds of the interleaved inference/training-speed benchmark of the variants' "
-        "final models (median over rounds; 0: none).",
-    )
 
     @field_validator("seeds")
     @classmethod
@@ -327,7 +320,7 @@ Context = Annotated[int, Field(gt=0, le=2**20)]
 
 
 class EvalSpec(Strict):
-    """Long-context evaluation after training: the validation split scored at several context lengths."""
+    """After training: the validation split scored at several context lengths, and the variants' speed measured."""
 
     contexts: list[Context] = Field(
         default_factory=list,
@@ -342,6 +335,13 @@ class EvalSpec(Strict):
         le=10**15,
         description="Tokens scored at each context: the validation split's last ones (at most half of it), the same at every "
         "context and for every variant (default: the final evaluation's budget).",
+    )
+    benchmark_rounds: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="After training, rounds of the interleaved inference/training-speed benchmark of the variants' "
+        "final models (median over rounds; 0: none).",
     )
 
     @field_validator("contexts")
