@@ -7,6 +7,7 @@ ones resume from their last checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -23,9 +24,10 @@ from gpt2exp.data.sources import find_files
 from gpt2exp.launch.cluster import beside_ray
 from gpt2exp.launch.plan import Plan, experiment_dir, make_plan
 from gpt2exp.launch.progress import ProgressView, Recorder
-from gpt2exp.launch.status import outcome, results_table
+from gpt2exp.launch.status import FINAL, outcome, results_table
 from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
+from gpt2exp.training.job import TrainJob
 
 if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
@@ -47,7 +49,7 @@ class ExperimentResult:
 
     @property
     def completed(self) -> bool:
-        return bool((self.runs.status == "completed").all())
+        return bool(self.runs.status.isin(FINAL).all())
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -123,7 +125,7 @@ def run_experiment(
         if launcher == "ray":  # a data path that names nothing is reported before Ray starts
             for path in {v.spec.data.path for v in spec.expand() if v.spec.data.path is not None}:
                 find_files(path)
-        plan, tracker = beside_ray(prepare, start=launcher == "ray")
+        plan, tracker = beside_ray(prepare, start=launcher == "ray" or spec.sweep is not None)
         return execute(plan, launcher, tracker, console, show_progress)
 
 
@@ -131,7 +133,8 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
     """Run the plan's unfinished jobs and return the results (``results.csv`` written). With the Ray
     launcher, Ray starts on the main thread while MLflow is set up."""
     with one_writer(plan.out_dir):
-        tracker = beside_ray(lambda: set_up(plan, launcher), start=launcher == "ray" and bool(plan.pending()))
+        start = (launcher == "ray" or plan.spec.sweep is not None) and bool(plan.pending())
+        tracker = beside_ray(lambda: set_up(plan, launcher), start=start)
         return execute(plan, launcher, tracker, console, show_progress)
 
 
@@ -162,7 +165,11 @@ def execute(
         if job not in pending:
             view.status(job.key, "done (earlier)")
     runner: Callable[[Plan, Recorder], None]
-    if launcher == "ray":
+    if plan.spec.sweep is not None:  # Ray Tune: the selection trials, then the verdict runs it chooses
+        from gpt2exp.launch.tune import run_sweep
+
+        runner = functools.partial(run_sweep, track=lambda job: job if tracker is None else track_job(tracker, job))
+    elif launcher == "ray":
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
     else:
         runner = run_jobs_locally
@@ -241,6 +248,8 @@ def finish_tracking(plan: Plan, tracker: ExperimentTracker, result: ExperimentRe
         version, _ = tracker.register_best({best["run_id"]: best["val_loss"]}, name)
         result.registered = f"models:/{name}@best"
         console.print(f"registered {result.registered} (version {version}, val loss {best['val_loss']:.4f})", highlight=False)
+    for run_id in tracker.groups.values():  # a sweep's variant runs
+        tracker.finish(run_id, "completed" if result.completed else "failed")
     tracker.finish(tracker.parent_id, "completed" if result.completed else "failed")
 
 
@@ -250,14 +259,16 @@ def track(plan: Plan) -> ExperimentTracker:
     from gpt2exp.tracking.runs import ExperimentTracker
 
     tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
-    jobs = []
-    for job in plan.jobs:
-        p = job.spec.parallel
-        facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
-        ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts)
-        data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
-        # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it
-        tracker.log_dataset(ref.run_id, job.spec.data.source, data.get("key", ""), int(data["n_train_tokens"]))
-        jobs.append(replace(job, tracking=ref))
-    plan.jobs = jobs
+    plan.jobs = [track_job(tracker, job) for job in plan.jobs]
     return tracker
+
+
+def track_job(tracker: ExperimentTracker, job: TrainJob) -> TrainJob:
+    """The job with its MLflow child run (created, or found again) and the run's dataset."""
+    p = job.spec.parallel
+    facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
+    ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts, job.trial)
+    data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
+    # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it
+    tracker.log_dataset(ref.run_id, job.spec.data.source, data.get("key", ""), int(data["n_train_tokens"]))
+    return replace(job, tracking=ref)
