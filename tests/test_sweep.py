@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,18 @@ def corpus(corpus_head) -> Path:
     return corpus_head(100_000)
 
 
+@pytest.fixture(scope="module")
+def private_ray() -> Iterator[None]:
+    """The private Ray cluster a sweep starts (``gpt2exp.launch.cluster``), stopped after this module's sweep."""
+    import ray
+
+    from gpt2exp.launch.cluster import shutdown
+
+    yield
+    if ray.is_initialized():
+        shutdown()
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
@@ -68,7 +81,7 @@ def test_validate_lists_the_trials(corpus: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_sweep_selects_on_seed_1_and_judges_on_the_others(corpus: Path, tmp_path: Path) -> None:
+def test_a_sweep_selects_on_seed_1_and_judges_on_the_others(corpus: Path, tmp_path: Path, private_ray: None) -> None:
     spec = validate_spec(spec_for(corpus))
     result = run_experiment(spec, tmp_path, Console(file=io.StringIO()), show_progress=False)
 

@@ -161,7 +161,11 @@ def _fit(plan: Plan, jobs: list[TrainJob], bus: Any, recorder: Recorder, asha: S
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, jobs=todo, bus=bus), _resources(p)),
         param_space={"job": tune.grid_search(list(todo))},
-        tune_config=tune.TuneConfig(scheduler=_scheduler(asha, list(todo.values())), max_concurrent_trials=p.max_concurrent),
+        tune_config=tune.TuneConfig(
+            scheduler=_scheduler(asha, list(todo.values())),
+            max_concurrent_trials=p.max_concurrent,
+            reuse_actors=True,  # the next trial in the same process: torch and MLflow are imported once
+        ),
         run_config=tune.RunConfig(
             name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(plan.out_dir / "tune"),
@@ -211,6 +215,9 @@ class Outcomes(tune.Callback):
 
     def __init__(self, jobs: dict[str, TrainJob], started: dict[str, float], recorder: Recorder) -> None:
         self.jobs, self.started, self.recorder = jobs, started, recorder
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # Tune saves its callbacks for a Tuner.restore, which gpt2exp does not use (reruns read status files)
 
     def on_trial_complete(self, iteration: int, trials: list[TuneTrial], trial: TuneTrial, **info: Any) -> None:
         self._end(trial, None)
