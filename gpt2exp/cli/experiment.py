@@ -47,7 +47,7 @@ def validate(spec_file: SpecArg, set_: SetOpt = None, json_: JsonOpt = False) ->
         else f"{t.max_epochs} epochs"
     )
     if json_:
-        print_json({"name": spec.name, "seeds": spec.train.run_seeds, "budget": budget, "variants": rows})
+        print_json({"name": spec.name, "seeds": spec.train.run_seeds, "budget": budget, "variants": rows} | _trials(spec))
         return
     dtype = "fp32" if rows and rows[0]["kv_dtype_bytes"] == 4 else "bf16"
     table = Table(title=f"{spec.name}: {len(variants)} variant(s) × {len(spec.train.run_seeds)} seed(s)")
@@ -75,6 +75,26 @@ def validate(spec_file: SpecArg, set_: SetOpt = None, json_: JsonOpt = False) ->
         f"{p.launcher}/{p.strategy} · {'GPU' if p.use_gpu else 'CPU'}",
         highlight=False,
     )
+    if trials := _trials(spec):
+        sweep = trials["sweep"]
+        selection, verdict = sweep["selection"], sweep["verdict"]
+        console.print(
+            f"sweep on Ray Tune ({spec.sweep.scheduler if spec.sweep else ''}): {len(selection)} selection trials on seed "
+            f"{spec.train.run_seeds[0]} ({', '.join(selection)}), then {len(verdict)} verdict runs at each variant's chosen "
+            f"setting ({', '.join(verdict)})",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _trials(spec: ExperimentSpec) -> dict[str, dict[str, list[str]]]:
+    """A sweep's trials by run name, ``{"sweep": {"selection": [...], "verdict": [...]}}``, or {} without a sweep."""
+    if spec.sweep is None:
+        return {}
+    first, rest = spec.train.run_seeds[0], spec.train.run_seeds[1:]
+    selection = [f"{v.name}+{setting}/seed={first}" for v, setting, _ in spec.trials()]
+    verdict = [f"{v.name}/seed={seed}" for v in spec.expand() for seed in rest]
+    return {"sweep": {"selection": selection, "verdict": verdict}}
 
 
 def variant_budget(spec: ExperimentSpec) -> dict[str, Any]:
@@ -133,7 +153,7 @@ def run(
     failed = [
         f"{r['variant']} (seed {r['seed']}): {r['status']}" + (f" ({r['error']})" if isinstance(r["error"], str) else "")
         for r in result.runs.to_dict("records")
-        if r["status"] != "completed"
+        if r["status"] not in ("completed", "stopped")  # stopped: early, by a sweep's scheduler
     ]
     if failed:
         raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")

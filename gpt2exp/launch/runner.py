@@ -7,6 +7,7 @@ ones resume from their last checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -23,10 +24,10 @@ from gpt2exp.data.sources import find_files
 from gpt2exp.launch.cluster import beside_ray, ensure_ray
 from gpt2exp.launch.plan import Plan, experiment_dir, make_plan
 from gpt2exp.launch.progress import ProgressView, Recorder
-from gpt2exp.launch.status import outcome, results_table
+from gpt2exp.launch.status import FINAL, outcome, results_table
 from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
-from gpt2exp.training.job import BENCH_METRICS
+from gpt2exp.training.job import BENCH_METRICS, TrainJob
 
 if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
@@ -48,7 +49,7 @@ class ExperimentResult:
 
     @property
     def completed(self) -> bool:
-        return bool((self.runs.status == "completed").all())
+        return bool(self.runs.status.isin(FINAL).all())
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -126,7 +127,7 @@ def run_experiment(
                 find_files(path)
         if ray_data := any(v.spec.data.prepare_with == "ray" for v in spec.expand()):
             ensure_ray()  # Ray Data tokenizes: Ray first (a private cluster with the local launcher)
-        plan, tracker = beside_ray(prepare, start=launcher == "ray" and not ray_data)
+        plan, tracker = beside_ray(prepare, start=(launcher == "ray" or spec.sweep is not None) and not ray_data)
         return execute(plan, launcher, tracker, console, show_progress)
 
 
@@ -134,7 +135,8 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
     """Run the plan's unfinished jobs and return the results (``results.csv`` written). With the Ray
     launcher, Ray starts on the main thread while MLflow is set up."""
     with one_writer(plan.out_dir):
-        tracker = beside_ray(lambda: set_up(plan, launcher), start=launcher == "ray" and bool(plan.pending()))
+        start = (launcher == "ray" or plan.spec.sweep is not None) and bool(plan.pending())
+        tracker = beside_ray(lambda: set_up(plan, launcher), start=start)
         return execute(plan, launcher, tracker, console, show_progress)
 
 
@@ -165,7 +167,11 @@ def execute(
         if job not in pending:
             view.status(job.key, "done (earlier)")
     runner: Callable[[Plan, Recorder], None]
-    if launcher == "ray":
+    if plan.spec.sweep is not None:  # Ray Tune: the selection trials, then the verdict runs it chooses
+        from gpt2exp.launch.tune import run_sweep
+
+        runner = functools.partial(run_sweep, track=lambda job: job if tracker is None else track_job(tracker, job))
+    elif launcher == "ray":
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
     else:
         runner = run_jobs_locally
@@ -286,25 +292,30 @@ def finish_tracking(plan: Plan, tracker: ExperimentTracker, result: ExperimentRe
         version, _ = tracker.register_best({best["run_id"]: best["val_loss"]}, name)
         result.registered = f"models:/{name}@best"
         console.print(f"registered {result.registered} (version {version}, val loss {best['val_loss']:.4f})", highlight=False)
+    for run_id in tracker.groups.values():  # a sweep's variant runs
+        tracker.finish(run_id, "completed" if result.completed else "failed")
     tracker.finish(tracker.parent_id, "completed" if result.completed else "failed")
 
 
 def track(plan: Plan) -> ExperimentTracker:
     """Create (or find again) the MLflow runs of the plan and attach each job's run to it. The
     model's own figures (parameters, FLOPs per token) are logged by the training loop, which builds it."""
-    from gpt2exp.model.size import run_kv_bytes_per_token
     from gpt2exp.tracking.runs import ExperimentTracker
 
     tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
-    jobs = []
-    for job in plan.jobs:
-        p = job.spec.parallel
-        facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
-        facts["kv_bytes_per_token"] = run_kv_bytes_per_token(job.spec)
-        ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts)
-        data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
-        # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it
-        tracker.log_dataset(ref.run_id, job.spec.data.source, data.get("key", ""), int(data["n_train_tokens"]))
-        jobs.append(replace(job, tracking=ref))
-    plan.jobs = jobs
+    plan.jobs = [track_job(tracker, job) for job in plan.jobs]
     return tracker
+
+
+def track_job(tracker: ExperimentTracker, job: TrainJob) -> TrainJob:
+    """The job with its MLflow child run (created, or found again) and the run's dataset."""
+    from gpt2exp.model.size import run_kv_bytes_per_token
+
+    p = job.spec.parallel
+    facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
+    facts["kv_bytes_per_token"] = run_kv_bytes_per_token(job.spec)
+    ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts, job.trial)
+    data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
+    # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it
+    tracker.log_dataset(ref.run_id, job.spec.data.source, data.get("key", ""), int(data["n_train_tokens"]))
+    return replace(job, tracking=ref)

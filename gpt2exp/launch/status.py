@@ -15,6 +15,7 @@ from gpt2exp.errors import one_line
 from gpt2exp.training.job import Diverged, TrainJob
 
 STATUS = "status.json"
+FINAL = ("completed", "stopped")  # outcomes a rerun keeps: trained to the end, or stopped early by a sweep's scheduler
 RESULT_COLUMNS = [
     "variant",
     "seed",
@@ -38,7 +39,7 @@ def read_status(job: TrainJob) -> dict[str, Any]:
 
 
 def write_status(job: TrainJob, status: str, **fields: Any) -> dict[str, Any]:
-    """Record a job's outcome (``completed``, ``failed``, ``diverged``, ``interrupted``) and its figures."""
+    """Record a job's outcome (``completed``, ``stopped``, ``failed``, ``diverged``, ``interrupted``) and its figures."""
     record = {"experiment": job.experiment, "variant": job.variant, "seed": job.seed, "status": status, **fields}
     path = Path(job.run_dir) / STATUS
     path.parent.mkdir(parents=True, exist_ok=True)

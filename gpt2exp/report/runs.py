@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec.sections import split_context
-from gpt2exp.tracking.runs import VARIANT_INDEX, store_uri
+from gpt2exp.tracking.runs import PHASE, ROLE, SETTING, STOPPED_EARLY, VARIANT_INDEX, store_uri
 from gpt2exp.tracking.store import check_store
 from gpt2exp.training.job import BENCH_METRICS
 
@@ -125,6 +125,12 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
     )
     if not children:
         raise ReportError(f"experiment {experiment!r}: parent run {parent_run_id} has no child runs")
+    if groups := [r.info.run_id for r in children if r.data.tags.get(ROLE) == "variant"]:  # a sweep: trials in variant runs
+        children = [
+            trial
+            for group in groups
+            for trial in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{group}'", max_results=50000)
+        ]
     rows, index = [], {}
     for r in children:
         tags, params = r.data.tags, r.data.params
@@ -144,6 +150,9 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
                 tokens_per_step=int(batch) * int(block) if batch is not None and block is not None else None,
                 baseline=params.get("baseline"),
                 metrics=set(r.data.metrics),
+                setting=tags.get(SETTING),
+                phase=tags.get(PHASE),
+                stopped_early=tags.get(STOPPED_EARLY) == "true",
             )
         )
         if (place := tags.get(VARIANT_INDEX, "")).isdigit():

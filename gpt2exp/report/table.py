@@ -18,6 +18,7 @@ import pandas as pd
 
 from gpt2exp.report.runs import ReportError, Runs, context_keys, load_runs, lower_is_better, per_run
 from gpt2exp.report.stats import ALPHA, POWER, holm, mdd, mean_ci, paired_p_value, verdict
+from gpt2exp.report.sweep import chosen_settings, selection_note, split_sweep
 from gpt2exp.spec.sections import metric_key, split_context
 from gpt2exp.training.job import BENCH_METRICS
 
@@ -39,6 +40,7 @@ def comparison_table(
     ``df.attrs`` holds experiment, parent_run_id, metric, baseline, lower_is_better, multi_seed,
     ``comparisons`` (variants with a p-value), ``note`` (why there is no verdict and how to add seeds,
     else None) and ``excluded`` (unfinished runs left out, as ``variant/seed=N: STATUS``)."""
+    runs, selection = split_sweep(runs)  # a sweep: the verdict runs at each variant's chosen setting
     metric, available = metric_key(metric), runs.metrics()  # val_loss@512 is logged as val_loss_ctx512
     if metric not in available:
         shown = [m for m in available if not m.startswith("system/")]
@@ -102,6 +104,8 @@ def comparison_table(
         verdict(r["delta"], r["p_adjusted"], r["n_paired"], lower) if c else "baseline"
         for r, c in zip(table.to_dict("records"), compared, strict=True)
     ]
+    if selection:
+        table.insert(1, "setting", table.variant.map(chosen_settings(selection)))
     note = None
     if m == 0 and compared.any():  # no test was possible: say why and how to get one
         why = "No variant shares 2 seeds with the baseline" if multi else "One seed per variant"
@@ -117,6 +121,8 @@ def comparison_table(
         comparisons=m,
         note=note,
         excluded=excluded if finished_only else [],
+        selection=selection,
+        verdict_seeds=sorted(int(s) for s in per.seed.dropna().unique()),
     )
     return table
 
@@ -173,6 +179,8 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"variant": table.variant})
     optional = ("kv_bytes_per_token", *BENCH_METRICS)  # runs without the benchmark (or from before it) lack them
     cols = [c for c in cols if c[1] not in optional or bool(table[c[1]].notna().any())]
+    if "setting" in table:
+        out["setting"] = table.setting.fillna("")
     for header, col, fmt in cols:
         ci = table.get(f"{col}_ci95") if multi else None
         out[header] = [_pm(m, c, fmt) for m, c in zip(table[col], ci if ci is not None else [None] * len(table), strict=True)]
@@ -230,6 +238,7 @@ def notes(table: pd.DataFrame) -> list[str]:
             f"(paired t-test at {ALPHA:.0%}/{m}, the strictest Holm level, with the observed spread of Δ), "
             "so 'no clear difference' does not rule them out.",
         ]
+    lines += selection_note(a.get("selection", []), a.get("verdict_seeds", []))
     if a.get("note"):
         lines.append(a["note"])
     if a.get("excluded"):

@@ -23,6 +23,16 @@ class RunRef:
 
 
 @dataclass(frozen=True)
+class Trial:
+    """What a job is in a sweep: a setting of a variant, tried on the first seed (selection) or run on the others at the
+    variant's chosen setting (verdict)."""
+
+    variant: str
+    setting: str  # e.g. "lr=0.002"
+    phase: str  # "selection" or "verdict"
+
+
+@dataclass(frozen=True)
 class TrainJob:
     """Everything a worker needs to train one variant at one seed (plain data: it crosses processes)."""
 
@@ -35,6 +45,7 @@ class TrainJob:
     run_dir: str  # this run's output folder (final weights go to <run_dir>/final)
     total_steps: int
     tracking: RunRef | None = None  # the MLflow child run that rank 0 logs into
+    trial: Trial | None = None  # in a sweep: the variant and setting (``variant`` is then ``<variant>+<setting>``)
 
     @property
     def key(self) -> str:
