@@ -38,6 +38,10 @@ class Reporting:
             self.flush()  # stored before Tune may stop the trial
             tune.report({k: record[k] for k in REPORTED})
 
+    def log_series(self, key: str, values: dict[int, float]) -> None:
+        if self.inner is not None:
+            self.inner.log_series(key, values)
+
     def flush(self) -> None:
         if self.inner is not None:
             self.inner.flush()
