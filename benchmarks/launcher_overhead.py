@@ -118,7 +118,7 @@ def main() -> None:
                             "launcher": launcher,
                             "round": r,
                             "wall_s": wall,
-                            "tokens_per_sec": results.tokens_per_sec.mean(),
+                            "tokens_per_sec": results.tokens_per_sec_during_training.mean(),
                         }
                     )
                     print(f"  {n} variant(s), {launcher:5s}: {wall:6.1f} s", file=sys.stderr)

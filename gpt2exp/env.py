@@ -17,6 +17,7 @@ RAY_TRAIN = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+RAY_TUNE = {"RAY_AIR_NEW_OUTPUT": "0"}  # Tune's legacy output, which verbose=0 silences (its new one prints each experiment)
 RAY = RAY_TRAIN | {  # and for a private cluster on this machine: bound to 127.0.0.1, no usage reporting
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",

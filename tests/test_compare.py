@@ -371,9 +371,9 @@ def test_tokens_per_sec_is_tokens_over_train_seconds(synthetic: dict) -> None:
     per = per_run(load_runs(synthetic["uri"], "syn")).set_index(["variant", "seed"])
     for (variant, seed), r in per.iterrows():
         if (variant, seed) == ("better", 3):
-            assert math.isnan(r.tokens_per_sec)  # no train_seconds logged
+            assert math.isnan(r.tokens_per_sec_during_training)  # no train_seconds logged
         else:
-            assert r.tokens_per_sec == 1024.0 / (seed / 2)  # final tokens_seen / final train_seconds
+            assert r.tokens_per_sec_during_training == 1024.0 / (seed / 2)  # final tokens_seen / final train_seconds
     assert "evaluation excluded" in notes(comparison_table(load_runs(synthetic["uri"], "syn")))[0]
 
 
@@ -383,7 +383,10 @@ def test_tokens_per_sec_of_a_trained_run(experiment: dict) -> None:
         last = {
             k: max(client.get_metric_history(r.run_id, k), key=lambda m: m.step).value for k in ("tokens_seen", "train_seconds")
         }
-        assert r.tokens_per_sec == pytest.approx(last["tokens_seen"] / last["train_seconds"], rel=1e-12) and r.tokens_per_sec > 0
+        assert (
+            r.tokens_per_sec_during_training == pytest.approx(last["tokens_seen"] / last["train_seconds"], rel=1e-12)
+            and r.tokens_per_sec_during_training > 0
+        )
 
 
 def test_variant_order_is_the_child_runs_tag_not_their_order(tmp_path: Path) -> None:

@@ -238,6 +238,8 @@ def test_validate_largest_model_is_computed_not_built(tmp_path: Path) -> None:
         {"positional": "sinusoidal", "tie_weights": False},
         {"positional": "alibi", "bias": False},
         {"positional": "none", "sliding_window": 16},
+        {"mlp_hidden": 48},
+        {"n_kv_head": 1, "mlp_hidden": 200, "bias": False, "tie_weights": False},
     ],
 )
 def test_analytic_size_equals_the_built_model(model: dict) -> None:

@@ -118,7 +118,7 @@ def test_val_loss_does_not_depend_on_the_micro_batch(
     assert (se > 0).all() and se.iloc[-1] < se.iloc[0]  # the final evaluation scores more windows
     # one definition of tokens/s: tokens trained per second of training, evaluation and checkpoints excluded
     last = metrics.iloc[-1]
-    assert results.tokens_per_sec[0] == pytest.approx(last.tokens_seen / last.train_seconds, rel=1e-9)
+    assert results.tokens_per_sec_during_training[0] == pytest.approx(last.tokens_seen / last.train_seconds, rel=1e-9)
     assert metrics.train_seconds.is_monotonic_increasing
 
 

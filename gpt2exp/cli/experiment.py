@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -31,32 +31,43 @@ def _human(n: float) -> str:
 
 
 def validate(spec_file: SpecArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Validate a spec and print its expanded variants (sizes computed from the spec: no model is built)."""
-    from gpt2exp.model.size import flops_per_token, num_params
-
+    """Validate a spec and print its expanded variants with their size and budget (computed from the spec: no
+    model is built): parameters, FLOPs/token, KV-cache bytes/token, steps, tokens and training FLOPs."""
     spec = load_spec(spec_file, set_ or [])
     variants = spec.expand()
     t, p = spec.train, spec.parallel
-    budget = f"{t.max_steps} steps" if t.max_steps else f"{t.max_tokens:,} tokens" if t.max_tokens else f"{t.max_epochs} epochs"
+    rows = [{"variant": v.name, **variant_budget(v.spec)} for v in variants]
+    budget = (
+        f"{t.max_steps} steps"
+        if t.max_steps
+        else f"{t.max_tokens:,} tokens"
+        if t.max_tokens
+        else f"{t.max_flops:.3g} FLOPs"
+        if t.max_flops
+        else f"{t.max_epochs} epochs"
+    )
     if json_:
-        rows = [
-            {
-                "variant": v.name,
-                "attention": v.spec.model.attention_kind,
-                "positional": v.spec.model.positional,
-                "params": num_params(v.spec.model),
-                "flops_per_token": flops_per_token(v.spec.model),
-            }
-            for v in variants
-        ]
-        print_json({"name": spec.name, "seeds": spec.train.run_seeds, "budget": budget, "variants": rows})
+        print_json({"name": spec.name, "seeds": spec.train.run_seeds, "budget": budget, "variants": rows} | _trials(spec))
         return
+    dtype = "fp32" if rows and rows[0]["kv_dtype_bytes"] == 4 else "bf16"
     table = Table(title=f"{spec.name}: {len(variants)} variant(s) × {len(spec.train.run_seeds)} seed(s)")
-    for col in ("variant", "attention", "positions", "parameters", "FLOPs/token"):
-        table.add_column(col, justify="right" if col in ("parameters", "FLOPs/token") else "left")
-    for v in variants:
-        m = v.spec.model
-        table.add_row(v.name, m.attention_kind, m.positional, f"{num_params(m):,}", _human(flops_per_token(m)))
+    columns = [  # header, key, format
+        ("attention", "attention", "s"),
+        ("positions", "positional", "s"),
+        ("parameters", "params", ","),
+        ("non-emb.", "non_embedding_params", "h"),
+        ("FLOPs/token", "flops_per_token", "h"),
+        (f"KV B/token ({dtype})", "kv_bytes_per_token", ","),
+        ("steps", "steps", ","),
+        ("tokens", "tokens", "h"),
+        ("train FLOPs", "train_flops", "h"),
+    ]
+    table.add_column("variant")
+    for header, _, fmt in columns:
+        table.add_column(header, justify="left" if fmt == "s" else "right")
+    cell = lambda v, fmt: "per epoch" if v is None else _human(v) if fmt == "h" else format(v, fmt)
+    for r in rows:
+        table.add_row(r["variant"], *(cell(r[key], fmt) for _, key, fmt in columns))
     console.print(table)
     console.print(
         f"data {spec.data.source} · {budget} · batch {t.batch_size}×{spec.model.block_size} tokens "
@@ -64,6 +75,50 @@ def validate(spec_file: SpecArg, set_: SetOpt = None, json_: JsonOpt = False) ->
         f"{p.launcher}/{p.strategy} · {'GPU' if p.use_gpu else 'CPU'}",
         highlight=False,
     )
+    if trials := _trials(spec):
+        sweep = trials["sweep"]
+        selection, verdict = sweep["selection"], sweep["verdict"]
+        console.print(
+            f"sweep on Ray Tune ({spec.sweep.scheduler if spec.sweep else ''}): {len(selection)} selection trials on seed "
+            f"{spec.train.run_seeds[0]} ({', '.join(selection)}), then {len(verdict)} verdict runs at each variant's chosen "
+            f"setting ({', '.join(verdict)})",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _trials(spec: ExperimentSpec) -> dict[str, dict[str, list[str]]]:
+    """A sweep's trials by run name, ``{"sweep": {"selection": [...], "verdict": [...]}}``, or {} without a sweep."""
+    if spec.sweep is None:
+        return {}
+    first, rest = spec.train.run_seeds[0], spec.train.run_seeds[1:]
+    selection = [f"{v.name}+{setting}/seed={first}" for v, setting, _ in spec.trials()]
+    verdict = [f"{v.name}/seed={seed}" for v in spec.expand() for seed in rest]
+    return {"sweep": {"selection": selection, "verdict": verdict}}
+
+
+def variant_budget(spec: ExperimentSpec) -> dict[str, Any]:
+    """What one variant costs, from its spec: sizes, KV-cache bytes per token (in the run's precision), and
+    steps, tokens and training FLOPs (None under max_epochs, which needs the data's size)."""
+    from gpt2exp.launch.plan import total_steps
+    from gpt2exp.model.size import flops_per_token, kv_bytes_per_token, num_params, precision_bytes
+
+    m, t = spec.model, spec.train
+    dtype_bytes = precision_bytes(t.precision, spec.parallel.use_gpu)
+    steps = None if t.max_epochs else total_steps(spec, 0)
+    tokens = None if steps is None else steps * t.batch_size * m.block_size
+    return {
+        "attention": m.attention_kind,
+        "positional": m.positional,
+        "params": num_params(m),
+        "non_embedding_params": num_params(m, exclude_embeddings=True),
+        "flops_per_token": flops_per_token(m),
+        "kv_bytes_per_token": kv_bytes_per_token(m, dtype_bytes),
+        "kv_dtype_bytes": dtype_bytes,
+        "steps": steps,
+        "tokens": tokens,
+        "train_flops": None if tokens is None else tokens * flops_per_token(m),
+    }
 
 
 def run(
@@ -98,7 +153,7 @@ def run(
     failed = [
         f"{r['variant']} (seed {r['seed']}): {r['status']}" + (f" ({r['error']})" if isinstance(r["error"], str) else "")
         for r in result.runs.to_dict("records")
-        if r["status"] != "completed"
+        if r["status"] not in ("completed", "stopped")  # stopped: early, by a sweep's scheduler
     ]
     if failed:
         raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")

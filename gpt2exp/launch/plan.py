@@ -10,9 +10,10 @@ from pathlib import Path
 
 from gpt2exp.data.prepare import TokenData, prepare
 from gpt2exp.errors import check_inside
-from gpt2exp.launch.status import read_status
+from gpt2exp.launch.status import FINAL, read_status
+from gpt2exp.model.size import flops_per_token
 from gpt2exp.spec import DataSpec, ExperimentSpec
-from gpt2exp.training.job import TrainJob
+from gpt2exp.training.job import TrainJob, Trial
 
 
 @dataclass
@@ -23,17 +24,20 @@ class Plan:
     jobs: list[TrainJob]
 
     def pending(self) -> list[TrainJob]:
-        return [j for j in self.jobs if read_status(j).get("status") != "completed"]
+        return [j for j in self.jobs if read_status(j).get("status") not in FINAL]
 
 
 def total_steps(spec: ExperimentSpec, n_train_tokens: int) -> int:
-    """The step budget from max_steps, max_tokens or max_epochs (tokens per step = batch x block)."""
+    """The step budget from max_steps, max_tokens, max_epochs or max_flops (tokens per step = batch x
+    block; FLOPs per step = that x the variant's ``flops_per_token``, so a costlier variant gets fewer steps)."""
     t = spec.train
     per_step = t.batch_size * spec.model.block_size
     if t.max_steps:
         return t.max_steps
     if t.max_tokens:
         return math.ceil(t.max_tokens / per_step)
+    if t.max_flops:
+        return max(1, round(t.max_flops / (flops_per_token(spec.model) * per_step)))
     assert t.max_epochs is not None  # TrainSpec requires one budget
     return max(1, math.ceil(t.max_epochs * n_train_tokens / per_step))
 
@@ -55,21 +59,30 @@ def make_plan(spec: ExperimentSpec, output: Path, show_progress: bool = True, ou
             prepared[key] = prepare(data, show_progress=show_progress)
         return prepared[key]
 
+    def job(name: str, seed: int, spec_: ExperimentSpec, files: TokenData, folder: Path, trial: Trial | None = None) -> TrainJob:
+        return TrainJob(
+            experiment=spec.name,
+            variant=name,
+            seed=seed,
+            spec=spec_,
+            train_tokens=str(files.path("train")),
+            val_tokens=str(files.path("val")),
+            run_dir=str(check_inside(out_dir, folder / f"seed_{seed}")),
+            total_steps=total_steps(spec_, files.n_train),
+            trial=trial,
+        )
+
     jobs = []
     for variant in spec.expand():
         files = tokens_for(variant.spec.data)
         files.check_min_tokens(variant.spec.model.block_size)
-        for seed in spec.train.run_seeds:
-            jobs.append(
-                TrainJob(
-                    experiment=spec.name,
-                    variant=variant.name,
-                    seed=seed,
-                    spec=variant.spec,
-                    train_tokens=str(files.path("train")),
-                    val_tokens=str(files.path("val")),
-                    run_dir=str(check_inside(out_dir, out_dir / "runs" / variant.name / f"seed_{seed}")),
-                    total_steps=total_steps(variant.spec, files.n_train),
-                )
-            )
+        if spec.sweep is None:
+            jobs += [
+                job(variant.name, seed, variant.spec, files, out_dir / "runs" / variant.name) for seed in spec.train.run_seeds
+            ]
+    for variant, setting, trial_spec in spec.trials():  # a sweep: each variant's settings on the first seed
+        trial, folder = Trial(variant.name, setting, "selection"), out_dir / "runs" / variant.name / setting
+        jobs.append(
+            job(f"{variant.name}+{setting}", spec.train.run_seeds[0], trial_spec, tokens_for(trial_spec.data), folder, trial)
+        )
     return Plan(spec, output.resolve(), out_dir, jobs)

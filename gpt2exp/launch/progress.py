@@ -124,15 +124,19 @@ class Recorder:
     from the workers when the driver is killed are lost, and the steps up to the checkpoint are not re-run.)"""
 
     def __init__(self, plan: Plan, view: ProgressView) -> None:
-        self.view, self.run_dirs = view, {j.key: Path(j.run_dir) for j in plan.jobs}
+        self.view, self.files = view, {}
         self.steps: dict[str, set[int]] = {}
-        for key, run_dir in self.run_dirs.items():
-            path = run_dir / METRICS
-            text = path.read_text(errors="replace") if path.is_file() else ""
-            if text and not text.endswith("\n"):  # a line cut short (say, by a full disk): the next record starts afresh
-                with open(path, "a") as f:
-                    f.write("\n")
-            self.steps[key] = {r["step"] for r in parse_records(text) if r.get("event") == "step"}
+        for job in plan.jobs:
+            self.add(job)
+
+    def add(self, job: TrainJob) -> None:
+        """Records of ``job`` go to its ``metrics.jsonl`` too (a sweep adds its verdict runs once it has chosen)."""
+        self.files[job.key] = path = Path(job.run_dir) / METRICS
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        if text and not text.endswith("\n"):  # a line cut short (say, by a full disk): the next record starts afresh
+            with open(path, "a") as f:
+                f.write("\n")
+        self.steps[job.key] = {r["step"] for r in parse_records(text) if r.get("event") == "step"}
 
     def record(self, key: str, record: dict[str, Any]) -> None:
         self.view.record(key, record)
@@ -140,8 +144,8 @@ class Recorder:
             if record["step"] in self.steps[key]:
                 return
             self.steps[key].add(record["step"])
-        self.run_dirs[key].mkdir(parents=True, exist_ok=True)
-        with open(self.run_dirs[key] / METRICS, "a") as f:
+        self.files[key].parent.mkdir(parents=True, exist_ok=True)
+        with open(self.files[key], "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def status(self, key: str, status: str) -> None:

@@ -7,6 +7,7 @@ ones resume from their last checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -23,9 +24,10 @@ from gpt2exp.data.sources import find_files
 from gpt2exp.launch.cluster import beside_ray, ensure_ray
 from gpt2exp.launch.plan import Plan, experiment_dir, make_plan
 from gpt2exp.launch.progress import ProgressView, Recorder
-from gpt2exp.launch.status import outcome, results_table
+from gpt2exp.launch.status import FINAL, outcome, results_table
 from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
+from gpt2exp.training.job import BENCH_METRICS, TrainJob
 
 if TYPE_CHECKING:
     from gpt2exp.tracking.runs import ExperimentTracker
@@ -47,7 +49,7 @@ class ExperimentResult:
 
     @property
     def completed(self) -> bool:
-        return bool((self.runs.status == "completed").all())
+        return bool(self.runs.status.isin(FINAL).all())
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -125,7 +127,7 @@ def run_experiment(
                 find_files(path)
         if ray_data := any(v.spec.data.prepare_with == "ray" for v in spec.expand()):
             ensure_ray()  # Ray Data tokenizes: Ray first (a private cluster with the local launcher)
-        plan, tracker = beside_ray(prepare, start=launcher == "ray" and not ray_data)
+        plan, tracker = beside_ray(prepare, start=(launcher == "ray" or spec.sweep is not None) and not ray_data)
         return execute(plan, launcher, tracker, console, show_progress)
 
 
@@ -133,7 +135,8 @@ def run_plan(plan: Plan, launcher: str, console: Console | None = None, show_pro
     """Run the plan's unfinished jobs and return the results (``results.csv`` written). With the Ray
     launcher, Ray starts on the main thread while MLflow is set up."""
     with one_writer(plan.out_dir):
-        tracker = beside_ray(lambda: set_up(plan, launcher), start=launcher == "ray" and bool(plan.pending()))
+        start = (launcher == "ray" or plan.spec.sweep is not None) and bool(plan.pending())
+        tracker = beside_ray(lambda: set_up(plan, launcher), start=start)
         return execute(plan, launcher, tracker, console, show_progress)
 
 
@@ -164,16 +167,23 @@ def execute(
         if job not in pending:
             view.status(job.key, "done (earlier)")
     runner: Callable[[Plan, Recorder], None]
-    if launcher == "ray":
+    if plan.spec.sweep is not None:  # Ray Tune: the selection trials, then the verdict runs it chooses
+        from gpt2exp.launch.tune import run_sweep
+
+        runner = functools.partial(run_sweep, track=lambda job: job if tracker is None else track_job(tracker, job))
+    elif launcher == "ray":
         from gpt2exp.launch.ray import run_jobs_on_ray as runner
     else:
         runner = run_jobs_locally
     result = ExperimentResult(plan.spec, plan.out_dir, pd.DataFrame())
+    costs: dict[str, tuple[str, dict[str, float]]] = {}
     try:
         with view:
             runner(plan, Recorder(plan, view))
+        costs = benchmark(plan, tracker, console or Console(), result.notes)
     finally:
         result.runs = results_table(plan.jobs)
+        add_cost_columns(result.runs, plan, costs)
         if tracker is not None:
             result.tracking_uri, result.parent_run_id = tracker.uri, tracker.parent_id
             result.runs["run_id"] = [j.tracking.run_id if j.tracking else None for j in plan.jobs]
@@ -189,12 +199,51 @@ def execute(
     return result
 
 
+def benchmark(
+    plan: Plan, tracker: ExperimentTracker | None, console: Console, notes: list[str]
+) -> dict[str, tuple[str, dict[str, float]]]:
+    """The interleaved speed benchmark of the variants' final models (``gpt2exp.launch.bench``), logged into
+    each measured job's MLflow run; one that fails is a note: the training results stand."""
+    rounds = plan.spec.eval.benchmark_rounds
+    if rounds == 0 or int(os.environ.get("RANK", 0)) != 0:
+        return {}
+    from gpt2exp.launch.bench import benchmark_plan
+
+    console.print(f"speed benchmark of the final models: {rounds} interleaved round(s)", highlight=False)
+    try:
+        costs = benchmark_plan(plan)
+    except Exception as e:
+        notes.append(f"no speed benchmark: {type(e).__name__}: {e}")
+        console.print(f"[yellow]no speed benchmark:[/] {type(e).__name__}: {e}", highlight=False)
+        return {}
+    if tracker is not None:
+        from mlflow.entities import Metric
+
+        runs = {j.key: j.tracking.run_id for j in plan.jobs if j.tracking is not None}
+        now = int(time.time() * 1000)
+        for key, figures in costs.values():
+            if key in runs:
+                tracker.client.log_batch(runs[key], metrics=[Metric(k, v, now, 0) for k, v in figures.items()])
+    return costs
+
+
+def add_cost_columns(runs: pd.DataFrame, plan: Plan, costs: dict[str, tuple[str, dict[str, float]]]) -> None:
+    """``kv_bytes_per_token`` of every run and the benchmark's figures on the row of the job measured."""
+    from gpt2exp.model.size import run_kv_bytes_per_token
+
+    runs["kv_bytes_per_token"] = [run_kv_bytes_per_token(j.spec) for j in plan.jobs]
+    measured = {key: figures for key, figures in costs.values()}
+    for name in BENCH_METRICS:
+        runs[name] = [measured[j.key][name] if j.key in measured else float("nan") for j in plan.jobs]
+
+
 def print_results(console: Console, results: pd.DataFrame) -> None:
     """The table of runs: one row per variant and seed (the comparison of variants follows it)."""
     from rich.table import Table
 
     table = Table(title="runs")
-    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "± se", "perplexity", "tokens/s", "wall s", "status")
+    cols = ("variant", "seed", "params", "tokens", "train loss", "val loss", "± se", "perplexity", "tokens/s (training)")
+    cols += ("wall s", "status")
     for col in cols:
         table.add_column(col, justify="left" if col in ("variant", "status") else "right")
     num = lambda v, f: "" if v is None or v != v else format(v, f)
@@ -208,7 +257,7 @@ def print_results(console: Console, results: pd.DataFrame) -> None:
             num(r["val_loss"], ".4f"),
             num(r["val_loss_se"], ".4f"),
             num(r["val_perplexity"], ".2f"),
-            num(r["tokens_per_sec"], ",.0f"),
+            num(r["tokens_per_sec_during_training"], ",.0f"),
             num(r["wall_s"], ".1f"),
             str(r["status"]),
         )
@@ -243,6 +292,8 @@ def finish_tracking(plan: Plan, tracker: ExperimentTracker, result: ExperimentRe
         version, _ = tracker.register_best({best["run_id"]: best["val_loss"]}, name)
         result.registered = f"models:/{name}@best"
         console.print(f"registered {result.registered} (version {version}, val loss {best['val_loss']:.4f})", highlight=False)
+    for run_id in tracker.groups.values():  # a sweep's variant runs
+        tracker.finish(run_id, "completed" if result.completed else "failed")
     tracker.finish(tracker.parent_id, "completed" if result.completed else "failed")
 
 
@@ -252,14 +303,19 @@ def track(plan: Plan) -> ExperimentTracker:
     from gpt2exp.tracking.runs import ExperimentTracker
 
     tracker = ExperimentTracker(plan.spec, plan.output, plan.out_dir)
-    jobs = []
-    for job in plan.jobs:
-        p = job.spec.parallel
-        facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
-        ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts)
-        data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
-        # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it
-        tracker.log_dataset(ref.run_id, job.spec.data.source, data.get("key", ""), int(data["n_train_tokens"]))
-        jobs.append(replace(job, tracking=ref))
-    plan.jobs = jobs
+    plan.jobs = [track_job(tracker, job) for job in plan.jobs]
     return tracker
+
+
+def track_job(tracker: ExperimentTracker, job: TrainJob) -> TrainJob:
+    """The job with its MLflow child run (created, or found again) and the run's dataset."""
+    from gpt2exp.model.size import run_kv_bytes_per_token
+
+    p = job.spec.parallel
+    facts = {"world_size": p.num_workers, "device": "cuda" if p.use_gpu else "cpu"}
+    facts["kv_bytes_per_token"] = run_kv_bytes_per_token(job.spec)
+    ref = tracker.child(job.variant, job.seed, job.spec, Path(job.run_dir), facts, job.trial)
+    data = json.loads((Path(job.train_tokens).parent / "meta.json").read_text())
+    # the run's own source: the token cache is keyed by content, and its meta.json names whichever path made it
+    tracker.log_dataset(ref.run_id, job.spec.data.source, data.get("key", ""), int(data["n_train_tokens"]))
+    return replace(job, tracking=ref)

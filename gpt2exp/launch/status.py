@@ -15,6 +15,7 @@ from gpt2exp.errors import one_line
 from gpt2exp.training.job import Diverged, TrainJob
 
 STATUS = "status.json"
+FINAL = ("completed", "stopped")  # outcomes a rerun keeps: trained to the end, or stopped early by a sweep's scheduler
 RESULT_COLUMNS = [
     "variant",
     "seed",
@@ -24,7 +25,7 @@ RESULT_COLUMNS = [
     "val_loss",
     "val_loss_se",
     "val_perplexity",
-    "tokens_per_sec",
+    "tokens_per_sec_during_training",  # the loop's tokens/s, with whatever else ran beside it (status.json: tokens_per_sec)
     "wall_s",
     "status",
     "error",
@@ -38,7 +39,7 @@ def read_status(job: TrainJob) -> dict[str, Any]:
 
 
 def write_status(job: TrainJob, status: str, **fields: Any) -> dict[str, Any]:
-    """Record a job's outcome (``completed``, ``failed``, ``diverged``, ``interrupted``) and its figures."""
+    """Record a job's outcome (``completed``, ``stopped``, ``failed``, ``diverged``, ``interrupted``) and its figures."""
     record = {"experiment": job.experiment, "variant": job.variant, "seed": job.seed, "status": status, **fields}
     path = Path(job.run_dir) / STATUS
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,4 +68,4 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
 def results_table(jobs: list[TrainJob]) -> pd.DataFrame:
     """One row per job (``RESULT_COLUMNS``), from the outcomes recorded; a job without one is ``not run``."""
     rows = [read_status(j) or {"variant": j.variant, "seed": j.seed, "status": "not run"} for j in jobs]
-    return pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows).rename(columns={"tokens_per_sec": "tokens_per_sec_during_training"}).reindex(columns=RESULT_COLUMNS)

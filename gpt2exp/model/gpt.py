@@ -37,9 +37,9 @@ def param_generator(seed: int, name: str) -> torch.Generator:
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(spec.n_embd, 4 * spec.n_embd, bias=spec.bias)
+        self.c_fc = nn.Linear(spec.n_embd, spec.mlp_width, bias=spec.bias)  # mlp_hidden, GPT-2's 4 x n_embd by default
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * spec.n_embd, spec.n_embd, bias=spec.bias)
+        self.c_proj = nn.Linear(spec.mlp_width, spec.n_embd, bias=spec.bias)
         self.dropout = nn.Dropout(spec.dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -56,7 +56,6 @@ def load_hf_checkpoint(name_or_path: str | Path) -> tuple[ModelSpec, dict[str, T
         f"{key}={cfg[key]!r}"
         for key, ok in (
             ("activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")),
-            ("n_inner", lambda v: v in (None, 4 * cfg["n_embd"])),
             ("layer_norm_epsilon", lambda v: v == 1e-5),
             ("scale_attn_weights", lambda v: v),
             ("scale_attn_by_inverse_layer_idx", lambda v: not v),
@@ -71,6 +70,7 @@ def load_hf_checkpoint(name_or_path: str | Path) -> tuple[ModelSpec, dict[str, T
         n_layer=cfg["n_layer"],
         n_head=cfg["n_head"],
         n_embd=cfg["n_embd"],
+        mlp_hidden=cfg.get("n_inner"),  # None: 4 x n_embd, as in transformers
         positional="learned",
         bias=True,
         tie_weights=cfg.get("tie_word_embeddings", True),
@@ -122,7 +122,7 @@ def save_hf_checkpoint(s: ModelSpec, weights: dict[str, Tensor], path: str | Pat
         "n_embd": s.n_embd,
         "n_layer": s.n_layer,
         "n_head": s.n_head,
-        "n_inner": None,
+        "n_inner": s.mlp_hidden,
         "layer_norm_epsilon": 1e-5,
         "attn_pdrop": s.dropout,
         "embd_pdrop": s.dropout,

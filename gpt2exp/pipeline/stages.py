@@ -63,6 +63,7 @@ def prepare_stage(stage: PrepareStage, ctx: Context) -> dict[str, Any]:
 
 def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
     from gpt2exp.launch.runner import run_experiment
+    from gpt2exp.launch.status import FINAL
     from gpt2exp.spec import set_dotted, validate_spec
 
     raw = stage.experiment.model_dump(mode="json", exclude_unset=True)
@@ -72,7 +73,7 @@ def run_stage(stage: RunStage, ctx: Context) -> dict[str, Any]:
     spec = validate_spec(raw, f"stage {stage.name}")
     result = run_experiment(spec, ctx.output, ctx.console, show_progress=ctx.show_progress, out_dir=ctx.folder)
     runs = result.runs
-    failed = [f"{r['variant']} (seed {r['seed']}): {r['status']}" for r in runs.to_dict("records") if r["status"] != "completed"]
+    failed = [f"{r['variant']} (seed {r['seed']}): {r['status']}" for r in runs.to_dict("records") if r["status"] not in FINAL]
     if failed:
         raise StageFailed(f"{len(failed)} of {len(runs)} run(s) did not complete: {'; '.join(failed)}")
     best = result.best

@@ -1,7 +1,8 @@
 """The report's figure: a metric against tokens seen and against training time, one line per
 variant (mean over seeds, shaded min–max band with several seeds), train loss faint and dashed;
 with a comparison table, a third panel shows each variant's difference to the baseline with its 95%
-interval, coloured by the corrected verdict.
+interval, coloured by the corrected verdict, and a fourth the final metric against decoding cost
+(ms per token from the speed benchmark, else KV-cache bytes per token): the trade-off GQA/MQA make.
 
 Drawn with matplotlib's object API on an Agg canvas: no pyplot, no global backend change."""
 
@@ -59,13 +60,16 @@ def plot_curves(
     train = variant_curves(runs, "train_loss", finished_only) if train_loss and metric == "val_loss" else None
     variants = [v for v in (variants or runs.variants) if v in set(curves.variant)]
 
-    fig = Figure(figsize=(12 if table is None else 17, 4.8), dpi=120, layout="constrained")
+    ratios = [1, 1] + ([0.75] if table is not None else []) + ([0.9] if table is not None and cost_axis(table) else [])
+    fig = Figure(figsize=(6 * sum(ratios) + 0.5, 4.8), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if table is None else 3, width_ratios=None if table is None else [1, 1, 0.75])
+    axes = fig.subplots(1, len(ratios), width_ratios=ratios)
     by_tokens, by_time = axes[0], axes[1]
     by_time.sharey(by_tokens)
     if table is not None:
         plot_deltas(axes[2], table)
+    if table is not None and len(ratios) == 4:
+        plot_cost(axes[3], table)
     colors = [f"C{i % 10}" for i in range(len(variants))]
     lows, highs = [], []
     for name, color in zip(variants, colors, strict=True):
@@ -135,3 +139,31 @@ def plot_deltas(ax, table: pd.DataFrame) -> None:
         "no verdict: fewer than 2 paired seeds" if a.get("note") else f"paired over seeds, 95% CI ({better} is better)",
         fontsize=10,
     )
+
+
+def cost_axis(table: pd.DataFrame) -> tuple[str, str] | None:
+    """(column, axis label) of the decoding cost the table has: ms/token measured at batch 1, else KV bytes/token."""
+    if "decode_tokens_per_sec" in table and table.decode_tokens_per_sec.notna().any():
+        return "decode_ms_per_token", "decode ms/token (batch 1, KV cache near full)"
+    if "kv_bytes_per_token" in table and table.kv_bytes_per_token.notna().any():
+        return "kv_bytes_per_token", "KV-cache bytes per token"
+    return None
+
+
+def plot_cost(ax, table: pd.DataFrame) -> None:
+    """Final metric (mean ± 95% CI over seeds) against decoding cost, one point per variant: down and left is better."""
+    axis = cost_axis(table)
+    assert axis is not None
+    column, xlabel = axis
+    metric = table.attrs["metric"]
+    x = 1000.0 / table.decode_tokens_per_sec if column == "decode_ms_per_token" else table[column]
+    ci = table.get(f"final_{metric}_ci95")
+    for i, (xi, r) in enumerate(zip(x, table.to_dict("records"), strict=True)):
+        y, half = r[f"final_{metric}"], None if ci is None or pd.isna(ci.iloc[i]) else ci.iloc[i]
+        ax.errorbar(xi, y, yerr=half, fmt="o", color=f"C{i % 10}", capsize=4, ms=6)  # the variant's colour in the curves
+        ax.annotate(r["variant"], (xi, y), xytext=(5, 5), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"final {metric.replace('_', ' ')}")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.grid(True, alpha=0.3)
+    ax.set_title("quality against decoding cost (95% CI over seeds)", fontsize=10)

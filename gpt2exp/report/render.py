@@ -21,7 +21,7 @@ FORMATS = ("table", "markdown", "csv", "json")
 
 
 def _right(col: str) -> bool:
-    return col not in ("variant", "verdict")
+    return col not in ("variant", "setting", "verdict")
 
 
 def to_markdown(table: pd.DataFrame) -> str:

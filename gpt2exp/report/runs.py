@@ -19,8 +19,9 @@ from mlflow.exceptions import MlflowException
 
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec.sections import split_context
-from gpt2exp.tracking.runs import VARIANT_INDEX, store_uri
+from gpt2exp.tracking.runs import PHASE, ROLE, SETTING, STOPPED_EARLY, VARIANT_INDEX, store_uri
 from gpt2exp.tracking.store import check_store
+from gpt2exp.training.job import BENCH_METRICS
 
 HIGHER_IS_BETTER = ("tokens_per_sec", "mfu", "tokens_seen", "accuracy")  # any other metric: lower is better
 
@@ -124,6 +125,12 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
     )
     if not children:
         raise ReportError(f"experiment {experiment!r}: parent run {parent_run_id} has no child runs")
+    if groups := [r.info.run_id for r in children if r.data.tags.get(ROLE) == "variant"]:  # a sweep: trials in variant runs
+        children = [
+            trial
+            for group in groups
+            for trial in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{group}'", max_results=50000)
+        ]
     rows, index = [], {}
     for r in children:
         tags, params = r.data.tags, r.data.params
@@ -139,9 +146,13 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
                 start_time=r.info.start_time,
                 end_time=r.info.end_time,
                 params=float(params["n_params"]) if "n_params" in params else math.nan,
+                kv_bytes_per_token=float(params.get("kv_bytes_per_token", math.nan)),
                 tokens_per_step=int(batch) * int(block) if batch is not None and block is not None else None,
                 baseline=params.get("baseline"),
                 metrics=set(r.data.metrics),
+                setting=tags.get(SETTING),
+                phase=tags.get(PHASE),
+                stopped_early=tags.get(STOPPED_EARLY) == "true",
             )
         )
         if (place := tags.get(VARIANT_INDEX, "")).isdigit():
@@ -165,9 +176,10 @@ def _last(hist: pd.DataFrame) -> float:
 
 def per_run(runs: Runs, metric: str = "val_loss", finished_only: bool = True) -> pd.DataFrame:
     """One row per child run used in the comparison: variant, seed, params, tokens, wall_s,
-    tokens_per_sec (final ``tokens_seen`` / final ``train_seconds``, the training loop's definition:
-    evaluation and checkpoints excluded; NaN without ``train_seconds``), final/best ``metric``, perplexity and, where
-    logged, the final ``val_loss_ctxN`` (``eval.contexts``)."""
+    tokens_per_sec_during_training (final ``tokens_seen`` / final ``train_seconds``, the training loop's
+    definition: evaluation and checkpoints excluded; NaN without ``train_seconds``), final/best ``metric``,
+    perplexity, kv_bytes_per_token, the speed benchmark's figures (``BENCH_METRICS``: NaN on the runs not
+    measured) and, where logged, the final ``val_loss_ctxN`` (``eval.contexts``)."""
     lower = lower_is_better(metric)
     frame = runs.frame.loc[runs.frame.status == "FINISHED"] if finished_only else runs.frame
     rows = []
@@ -187,10 +199,12 @@ def per_run(runs: Runs, metric: str = "val_loss", finished_only: bool = True) ->
                 "params": r["params"],
                 "tokens": tokens,
                 "wall_s": (end - start) / 1000.0,
-                "tokens_per_sec": tokens / seconds if seconds > 0 else math.nan,
+                "tokens_per_sec_during_training": tokens / seconds if seconds > 0 else math.nan,
                 f"final_{metric}": _last(hist),
                 f"best_{metric}": best,
                 "perplexity": math.exp(min(val, 700.0)),
+                "kv_bytes_per_token": r["kv_bytes_per_token"],
+                **{k: _last(runs.history(run_id, k)) for k in BENCH_METRICS},
                 **{key: _last(runs.history(run_id, key)) for _, key in context_keys(runs)},  # val_loss at eval.contexts
             }
         )

@@ -18,7 +18,9 @@ import pandas as pd
 
 from gpt2exp.report.runs import ReportError, Runs, context_keys, load_runs, lower_is_better, per_run
 from gpt2exp.report.stats import ALPHA, POWER, holm, mdd, mean_ci, paired_p_value, verdict
+from gpt2exp.report.sweep import chosen_settings, selection_note, split_sweep
 from gpt2exp.spec.sections import metric_key, split_context
+from gpt2exp.training.job import BENCH_METRICS
 
 SEEDS_ADVICE = "Run at least 3 seeds: `train.seeds: [1, 2, 3]` in the spec, or `--set 'train.seeds=[1,2,3]'`."
 
@@ -27,7 +29,8 @@ def comparison_table(
     runs: Runs, metric: str = "val_loss", baseline: str | None = None, finished_only: bool = True
 ) -> pd.DataFrame:
     """One row per variant (spec order). Columns: variant, n_seeds, params, tokens, wall_s,
-    tokens_per_sec, final_<metric>, best_<metric>, perplexity, delta (final metric minus the
+    tokens_per_sec_during_training, final_<metric>, best_<metric>, perplexity, kv_bytes_per_token, the speed
+    benchmark's prefill/decode/decode_b8/train_tokens_per_sec (one seed measured, NaN without it), delta (final metric minus the
     baseline's: mean of the paired differences over shared seeds, else difference of means), with
     more than one seed ``<column>_ci95`` (half-width of the 95% t interval) after each measured column
     and ``delta_ci95`` (paired over shared seeds); then always ``n_paired``, ``p_value`` (paired t-test),
@@ -37,6 +40,7 @@ def comparison_table(
     ``df.attrs`` holds experiment, parent_run_id, metric, baseline, lower_is_better, multi_seed,
     ``comparisons`` (variants with a p-value), ``note`` (why there is no verdict and how to add seeds,
     else None) and ``excluded`` (unfinished runs left out, as ``variant/seed=N: STATUS``)."""
+    runs, selection = split_sweep(runs)  # a sweep: the verdict runs at each variant's chosen setting
     metric, available = metric_key(metric), runs.metrics()  # val_loss@512 is logged as val_loss_ctx512
     if metric not in available:
         shown = [m for m in available if not m.startswith("system/")]
@@ -60,8 +64,9 @@ def comparison_table(
     multi = bool(per.groupby("variant").size().max() > 1)
     final = f"final_{metric}"
     base = per.loc[per.variant == baseline].set_index("seed")[final]
-    measured = ["params", "tokens", "wall_s", "tokens_per_sec", final, f"best_{metric}", "perplexity"]
+    measured = ["params", "tokens", "wall_s", "tokens_per_sec_during_training", final, f"best_{metric}", "perplexity"]
     measured += [key for _, key in context_keys(runs)]
+    measured += ["kv_bytes_per_token", *BENCH_METRICS]
     rows, diffs = [], []
     for name in variants:
         group = per.loc[per.variant == name]
@@ -69,7 +74,7 @@ def comparison_table(
         for col in measured:
             mean, ci, _ = mean_ci(group[col])
             row[col] = mean
-            if multi and col not in ("params", "tokens"):  # the same for every seed
+            if multi and col not in ("params", "tokens", "kv_bytes_per_token", *BENCH_METRICS):  # one value per variant
                 row[f"{col}_ci95"] = ci
         mine = group.set_index("seed")[final]
         pairable = not (mine.index.has_duplicates or base.index.has_duplicates)
@@ -99,6 +104,8 @@ def comparison_table(
         verdict(r["delta"], r["p_adjusted"], r["n_paired"], lower) if c else "baseline"
         for r, c in zip(table.to_dict("records"), compared, strict=True)
     ]
+    if selection:
+        table.insert(1, "setting", table.variant.map(chosen_settings(selection)))
     note = None
     if m == 0 and compared.any():  # no test was possible: say why and how to get one
         why = "No variant shares 2 seeds with the baseline" if multi else "One seed per variant"
@@ -114,6 +121,8 @@ def comparison_table(
         comparisons=m,
         note=note,
         excluded=excluded if finished_only else [],
+        selection=selection,
+        verdict_seeds=sorted(int(s) for s in per.seed.dropna().unique()),
     )
     return table
 
@@ -155,14 +164,23 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
         ("params", "params", ",.0f"),
         ("tokens", "tokens", ",.0f"),
         ("wall s", "wall_s", ",.1f"),
-        ("tokens/s", "tokens_per_sec", ",.0f"),
+        ("tokens/s in training", "tokens_per_sec_during_training", ",.0f"),
         (f"final {metric}", f"final_{metric}", digits),
         (f"best {metric}", f"best_{metric}", digits),
         ("perplexity", "perplexity", ",.2f"),
         *((f"val_loss@{n}", key, digits) for key, (_, n) in _contexts(table)),
+        ("KV B/token", "kv_bytes_per_token", ",.0f"),
+        ("prefill tok/s", "prefill_tokens_per_sec", ",.0f"),
+        ("decode tok/s", "decode_tokens_per_sec", ",.0f"),
+        ("decode b8 tok/s", "decode_tokens_per_sec_b8", ",.0f"),
+        ("train tok/s", "train_tokens_per_sec", ",.0f"),
         (f"Δ {metric} vs {a['baseline']}", "delta", "+" + digits),
     ]
     out = pd.DataFrame({"variant": table.variant})
+    optional = ("kv_bytes_per_token", *BENCH_METRICS)  # runs without the benchmark (or from before it) lack them
+    cols = [c for c in cols if c[1] not in optional or bool(table[c[1]].notna().any())]
+    if "setting" in table:
+        out["setting"] = table.setting.fillna("")
     for header, col, fmt in cols:
         ci = table.get(f"{col}_ci95") if multi else None
         out[header] = [_pm(m, c, fmt) for m, c in zip(table[col], ci if ci is not None else [None] * len(table), strict=True)]
@@ -198,8 +216,15 @@ def notes(table: pd.DataFrame) -> list[str]:
     lines = [
         f"Δ = final {a['metric']} minus the baseline's ({a['baseline']}); "
         f"{'lower' if a['lower_is_better'] else 'higher'} is better. "
-        "Wall time: training, from the metric timestamps; tokens/s: tokens trained per second of training, evaluation excluded."
+        "Wall time: training, from the metric timestamps; tokens/s in training: tokens trained per second of training, "
+        "evaluation excluded, with whatever else ran beside it."
     ]
+    if table.get("decode_tokens_per_sec") is not None and table.decode_tokens_per_sec.notna().any():
+        lines.append(
+            "KV B/token: key/value cache bytes per token of context in the run's precision. prefill/decode/train tok/s: "
+            "the final models (first seed) timed after training in interleaved rounds, median over rounds: a block_size "
+            "prompt; greedy decoding with the KV cache near full, batch 1 and 8; one training step on the micro-batch."
+        )
     if a.get("multi_seed"):
         lines.append(
             "mean ± half-width of the 95% confidence interval over seeds (Student t); Δ is paired over the seeds "
@@ -213,6 +238,7 @@ def notes(table: pd.DataFrame) -> list[str]:
             f"(paired t-test at {ALPHA:.0%}/{m}, the strictest Holm level, with the observed spread of Δ), "
             "so 'no clear difference' does not rule them out.",
         ]
+    lines += selection_note(a.get("selection", []), a.get("verdict_seeds", []))
     if a.get("note"):
         lines.append(a["note"])
     if a.get("excluded"):

@@ -18,6 +18,7 @@ from mlflow.entities import Metric
 
 from gpt2exp.report.render import render, to_html
 from gpt2exp.report.runs import Runs
+from gpt2exp.report.sweep import selection_markdown, split_sweep
 from gpt2exp.report.table import summary_frame
 
 ARTIFACTS = "report"
@@ -44,14 +45,17 @@ def report_files(runs: Runs, folder: Path, table: pd.DataFrame) -> dict[str, Pat
     metric = table.attrs["metric"]
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"{metric.replace('/', '_')}.png"
-    plot_curves(runs, metric, png, variants=list(table.variant), table=table)
-    figures = plot_context_figures(runs, folder, list(table.variant))  # eval.contexts: {} without
+    verdict_runs = split_sweep(runs)[0]  # a sweep: the runs at each variant's chosen setting
+    plot_curves(verdict_runs, metric, png, variants=list(table.variant), table=table)
+    figures = plot_context_figures(verdict_runs, folder, list(table.variant))  # eval.contexts: {} without
+    selection = table.attrs.get("selection")
     md = folder / "report.md"
     md.write_text(
         f"# {runs.experiment}: comparison of variants\n\n"
         f"Parent run `{runs.parent_id}` · metric `{metric}` · baseline `{table.attrs['baseline']}`\n\n"
         f"{render(table, 'markdown')}\n![{metric} curves]({png.name})\n"
         + "".join(f"\n![{path.stem.replace('_', ' ')}]({path.name})\n" for path in figures.values())
+        + (f"\n## Selection of each variant's setting\n\n{selection_markdown(selection)}" if selection else "")
     )
     page = folder / "report.html"
     page.write_text(to_html(table, png, list(figures.values())))

@@ -28,6 +28,7 @@ from gpt2exp.spec.sections import (
     TrainSpec,
     name_problem,
 )
+from gpt2exp.spec.sweep import SweepSpec
 
 
 # ----------------------------------------------------------------------------------- experiment
@@ -54,6 +55,7 @@ class ExperimentSpec(Strict):
         default_factory=dict, description="Dotted path -> values (numbers, strings, true/false, null); crossed with variants."
     )
     baseline: str | None = Field(default=None, description="Variant the others are compared to (default: the first).")
+    sweep: SweepSpec | None = Field(default=None, description="Settings tried per variant on Ray Tune (see gpt2exp.spec.sweep).")
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentSpec:
@@ -69,6 +71,10 @@ class ExperimentSpec(Strict):
         if p.use_gpu and p.launcher == "local" and p.gpus_per_worker != 1:
             problems.append("parallel.gpus_per_worker: the local launcher uses exactly one GPU")
         paths = [("grid", k) for k in self.grid] + [(f"variants[{v.name}].set", k) for v in self.variants for k in v.set]
+        if self.sweep is not None:
+            paths += [("sweep.params", k) for k in self.sweep.params]
+            fixed = {k: f"variants[{v.name}].set" for v in self.variants for k in v.set} | {k: "grid" for k in self.grid}
+            problems += self.sweep.problems(len(t.run_seeds), p.num_workers, self.tracking.enabled, fixed)
         problems += [f"{where}: {msg}" for where, key in paths if (msg := _path_problem(key))]
         problems += self._expansion_problems()
         problems += self._context_problems()
@@ -88,7 +94,12 @@ class ExperimentSpec(Strict):
         if out:
             return out
         sizes = [len(self.variants) or 1, *(len(v) for v in self.grid.values()), len(self.train.run_seeds)]
-        if (runs := math.prod(sizes)) > MAX_RUNS:
+        runs = math.prod(sizes)
+        if self.sweep is not None:
+            runs = self.sweep.n_runs(math.prod(sizes[:-1]), len(self.train.run_seeds))
+        if runs > MAX_RUNS and self.sweep is not None:
+            return [f"sweep: {runs:,} trials (variants x (settings + seeds - 1)); at most {MAX_RUNS:,} per experiment"]
+        if runs > MAX_RUNS:
             made = " x ".join(f"{n:,}" for n in sizes)
             return [f"grid: {made} (variants x grid values x seeds) = {runs:,} runs; at most {MAX_RUNS:,} per experiment"]
         names = Counter(name for name, _ in self._variant_overrides())
@@ -137,6 +148,11 @@ class ExperimentSpec(Strict):
             name = "+".join(p for p in (vname, grid_name) if p) or "base"
             out.append((name, {**vset, **grid_set}))
         return out
+
+    def trials(self) -> list[tuple[Variant, str, ExperimentSpec]]:
+        """A sweep's (variant, setting name, validated spec) for every variant x setting (no sweep: none)."""
+        settings = self.sweep.settings() if self.sweep else []
+        return [(v, name, apply_overrides(self, v.overrides | values)) for v in self.expand() for name, values in settings]
 
     @property
     def baseline_name(self) -> str:
@@ -191,7 +207,7 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 def apply_overrides(base: ExperimentSpec, overrides: Mapping[str, Any]) -> ExperimentSpec:
     """The base spec (without variants) with dotted overrides applied, re-validated."""
-    raw = base.model_dump(exclude={"variants", "grid"}, exclude_unset=True)
+    raw = base.model_dump(exclude={"variants", "grid", "sweep"}, exclude_unset=True)
     for key, value in overrides.items():
         set_dotted(raw, key, value)
     return ExperimentSpec.model_validate(raw)

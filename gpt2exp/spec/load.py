@@ -3,6 +3,7 @@ of the base and every variant, and :class:`SpecError` with every problem as ``FI
 
 from __future__ import annotations
 
+import itertools
 import stat
 from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
@@ -160,13 +161,15 @@ def validate_spec(raw: dict[str, Any], file: str | Path | None = None) -> Experi
     except ValidationError as e:
         raise SpecError(field_problems(e), file) from None
     problems: list[tuple[str, str]] = []
-    for name, ov in spec._variant_overrides():
+    settings = spec.sweep.settings() if spec.sweep else [("", {})]
+    for (name, ov), (setting, values) in itertools.product(spec._variant_overrides(), settings):
+        where = f"variants[{name}{'+' * bool(setting)}{setting}]"
         try:
-            apply_overrides(spec, ov)
+            apply_overrides(spec, ov | values)
         except ValidationError as e:
-            problems += field_problems(e, prefix=f"variants[{name}]")
+            problems += field_problems(e, prefix=where)
         except ValueError as e:
-            problems.append((f"variants[{name}]", str(e)))
+            problems.append((where, str(e)))
     if spec.baseline and spec.baseline not in [n for n, _ in spec._variant_overrides()]:
         problems.append(("baseline", f"{spec.baseline!r} is not one of the variants"))
     if problems:

@@ -66,6 +66,12 @@ class ModelSpec(Strict):
         description="Key/value heads: n_head = multi-head, a divisor = grouped-query, 1 = multi-query (default n_head).",
     )
     n_embd: int = Field(default=768, gt=0, le=2**16)
+    mlp_hidden: int | None = Field(
+        default=None,
+        gt=0,
+        le=2**20,
+        description="Hidden width of each block's MLP (default 4 x n_embd); widen it to give GQA/MQA the parameters MHA has.",
+    )
     positional: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     rope_theta: float = Field(default=10000.0, gt=0, le=1e10, description="RoPE base frequency.")
     sliding_window: int | None = Field(
@@ -113,6 +119,11 @@ class ModelSpec(Strict):
         if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", self.n_head)
         return self
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: ``mlp_hidden``, else GPT-2's 4 x n_embd."""
+        return self.mlp_hidden or 4 * self.n_embd
 
     @property
     def head_size(self) -> int:
@@ -170,12 +181,21 @@ class DataSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------- train
+BUDGETS = ("max_steps", "max_tokens", "max_epochs", "max_flops")  # exactly one is given
+
+
 class TrainSpec(Strict):
     """Optimisation and budget. ``batch_size`` is global (sequences per optimizer step)."""
 
     max_steps: int | None = Field(default=None, gt=0, le=10**9, description="Budget in optimizer steps.")
     max_tokens: int | None = Field(default=None, gt=0, le=10**15, description="Budget in training tokens (converted to steps).")
     max_epochs: float | None = Field(default=None, gt=0, le=10**6, description="Budget in passes over the training split.")
+    max_flops: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e30,
+        description="Budget in training FLOPs (model FLOPs per token x tokens): a costlier variant gets fewer steps.",
+    )
     batch_size: int = Field(
         default=8, gt=0, le=2**20, description="Global batch: sequences per optimizer step, whatever the worker count."
     )
@@ -225,11 +245,11 @@ class TrainSpec(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSpec:
-        given = [k for k in ("max_steps", "max_tokens", "max_epochs") if getattr(self, k) is not None]
+        given = [k for k in BUDGETS if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"give one budget (max_steps, max_tokens or max_epochs), got {', '.join(given)}")
+            raise ValueError(f"give one budget (max_steps, max_tokens, max_epochs or max_flops), got {', '.join(given)}")
         if not given:
-            raise ValueError("no budget: set train.max_steps, train.max_tokens or train.max_epochs")
+            raise ValueError("no budget: set train.max_steps, train.max_tokens, train.max_epochs or train.max_flops")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
         return self
@@ -300,7 +320,7 @@ Context = Annotated[int, Field(gt=0, le=2**20)]
 
 
 class EvalSpec(Strict):
-    """Long-context evaluation after training: the validation split scored at several context lengths."""
+    """After training: the validation split scored at several context lengths, and the variants' speed measured."""
 
     contexts: list[Context] = Field(
         default_factory=list,
@@ -315,6 +335,13 @@ class EvalSpec(Strict):
         le=10**15,
         description="Tokens scored at each context: the validation split's last ones (at most half of it), the same at every "
         "context and for every variant (default: the final evaluation's budget).",
+    )
+    benchmark_rounds: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="After training, rounds of the interleaved inference/training-speed benchmark of the variants' "
+        "final models (median over rounds; 0: none).",
     )
 
     @field_validator("contexts")

@@ -29,7 +29,7 @@ from gpt2exp.lock import exclusive
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.spec.sections import split_context
 from gpt2exp.tracking.store import sqlite_path
-from gpt2exp.training.job import RunRef
+from gpt2exp.training.job import RunRef, Trial
 
 MAX_PARAM = 6000  # MLflow's limit on a param value
 METRICS = (
@@ -53,6 +53,8 @@ NOTE = "mlflow.note.content"  # the description MLflow's UI shows on an experime
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow samples every 10 s by default: too few points for short runs
 SAMPLING_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
 VARIANT_INDEX = "gpt2exp.variant_index"  # a child run's variant's place in the spec: the report's row order
+# a sweep: the parent's children are variant runs (ROLE), each holding its trials (SETTING, PHASE, STOPPED_EARLY)
+ROLE, SETTING, PHASE, STOPPED_EARLY = "gpt2exp.role", "gpt2exp.setting", "gpt2exp.phase", "gpt2exp.stopped_early"
 for _name in ("mlflow.store.db.utils", "mlflow.system_metrics"):  # "Creating initial ... tables", "Started monitoring"
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -171,6 +173,7 @@ class ExperimentTracker:
             self.tags["mlflow.source.git.commit"] = commit
         note = {NOTE: spec.description} if spec.description else {}
         self.parent_id = self._run(out_dir / IDS, spec.name, self.tags | note, None)
+        self.groups: dict[str, str] = {}  # a sweep's variant -> its run
         self.client.log_dict(self.parent_id, spec.model_dump(mode="json"), "spec.yaml")
 
     def _run(self, ids_file: Path, name: str, tags: dict[str, str], parent: str | None) -> str:
@@ -191,19 +194,36 @@ class ExperimentTracker:
         ids_file.write_text(json.dumps({"uri": self.uri, "run_id": run_id, "experiment_id": self.experiment_id}))
         return run_id
 
-    def child(self, variant: str, seed: int, spec: ExperimentSpec, run_dir: Path, facts: dict[str, Any]) -> RunRef:
-        """The child run of one variant and seed, with its params (flattened spec + derived facts)."""
+    def child(
+        self, variant: str, seed: int, spec: ExperimentSpec, run_dir: Path, facts: dict[str, Any], trial: Trial | None = None
+    ) -> RunRef:
+        """The child run of one variant and seed, with its params (flattened spec + derived facts). A sweep's trial is
+        nested in its variant's run (:meth:`group`) and tagged with its setting and phase."""
         tags = self.tags | {"gpt2exp.variant": variant, "gpt2exp.seed": str(seed)}
-        run_id = self._run(run_dir / IDS, f"{variant}/seed={seed}", tags, self.parent_id)
+        parent, name = self.parent_id, f"{variant}/seed={seed}"
+        if trial is not None:
+            parent, name = self.group(trial.variant), f"{trial.variant}/{trial.setting}/seed={seed}"
+            tags |= {"gpt2exp.variant": trial.variant, SETTING: trial.setting, PHASE: trial.phase}
+            variant = trial.variant
+        run_id = self._run(run_dir / IDS, name, tags, parent)
         if variant in self.order:  # set on a rerun too: the spec may list its variants in a new order
             self.client.set_tag(run_id, VARIANT_INDEX, str(self.order[variant]))
         if not self.client.get_run(run_id).data.params:
-            params = flatten(spec.model_dump(mode="json", exclude={"variants", "grid"})) | {k: str(v) for k, v in facts.items()}
+            params = flatten(spec.model_dump(mode="json", exclude={"variants", "grid", "sweep"})) | {
+                k: str(v) for k, v in facts.items()
+            }
             items = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(run_id, params=items[i : i + 100])
-            self.client.log_dict(run_id, spec.model_dump(mode="json", exclude={"variants", "grid"}), "spec.yaml")
+            self.client.log_dict(run_id, spec.model_dump(mode="json", exclude={"variants", "grid", "sweep"}), "spec.yaml")
         return RunRef(self.uri, run_id, self.experiment_id)
+
+    def group(self, variant: str) -> str:
+        """A sweep's run of one variant (under the parent run): its trials are nested in it."""
+        if variant not in self.groups:
+            tags = self.tags | {"gpt2exp.variant": variant, ROLE: "variant", VARIANT_INDEX: str(self.order[variant])}
+            self.groups[variant] = self._run(self.out_dir / "runs" / variant / IDS, variant, tags, self.parent_id)
+        return self.groups[variant]
 
     def log_dataset(self, run_id: str, source: str, key: str, n_tokens: int) -> None:
         """The training corpus as the run's dataset input: ``source`` is the run's own spec's ``kind:value`` (see
@@ -222,6 +242,8 @@ class ExperimentTracker:
         return version, candidates[run_id]
 
     def finish(self, run_id: str, status: str) -> None:
+        if status == "stopped":  # by a sweep's scheduler: KILLED, and said why
+            self.client.set_tag(run_id, STOPPED_EARLY, "true")
         self.client.set_terminated(
             run_id, "FINISHED" if status == "completed" else "FAILED" if status in ("failed", "diverged") else "KILLED"
         )

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from gpt2exp.errors import Gpt2expError
 from gpt2exp.spec import ExperimentSpec
 
+# figures of the interleaved speed benchmark of an experiment's final models (gpt2exp.launch.bench): MLflow metrics
+# of the measured run (each variant's first seed), columns of results.csv and of the comparison
+BENCH_METRICS = ("prefill_tokens_per_sec", "decode_tokens_per_sec", "decode_tokens_per_sec_b8", "train_tokens_per_sec")
+
 
 @dataclass(frozen=True)
 class RunRef:
@@ -16,6 +20,16 @@ class RunRef:
     uri: str
     run_id: str
     experiment_id: str
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What a job is in a sweep: a setting of a variant, tried on the first seed (selection) or run on the others at the
+    variant's chosen setting (verdict)."""
+
+    variant: str
+    setting: str  # e.g. "lr=0.002"
+    phase: str  # "selection" or "verdict"
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,7 @@ class TrainJob:
     run_dir: str  # this run's output folder (final weights go to <run_dir>/final)
     total_steps: int
     tracking: RunRef | None = None  # the MLflow child run that rank 0 logs into
+    trial: Trial | None = None  # in a sweep: the variant and setting (``variant`` is then ``<variant>+<setting>``)
 
     @property
     def key(self) -> str:
