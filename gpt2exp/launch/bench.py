@@ -142,10 +142,13 @@ def interleaved(models: dict[str, tuple[GPT, ExperimentSpec]], rounds: int, time
 
 
 def benchmark_plan(plan: Plan) -> dict[str, tuple[str, dict[str, float]]]:
-    """The interleaved benchmark of every variant whose first seed finished: variant -> (that job's key, figures)."""
+    """The interleaved benchmark of every variant whose first seed finished: variant -> (that job's key, figures).
+    In a sweep, each variant at its chosen setting: its first verdict run (the comparison's runs)."""
     firsts = {}
     for job in plan.jobs:
         final = Path(job.run_dir) / "final"
+        if job.trial is not None and job.trial.phase == "selection":
+            continue
         if job.variant not in firsts and final.is_dir():
             firsts[job.variant] = job
     if not firsts or plan.spec.eval.benchmark_rounds == 0:

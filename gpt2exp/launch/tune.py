@@ -164,7 +164,9 @@ def _fit(plan: Plan, jobs: list[TrainJob], bus: Any, recorder: Recorder, asha: S
         tune_config=tune.TuneConfig(
             scheduler=_scheduler(asha, list(todo.values())),
             max_concurrent_trials=p.max_concurrent,
-            reuse_actors=True,  # the next trial in the same process: torch and MLflow are imported once
+            # a fresh process per trial: Tune 2.60 cannot reuse the actor of a trial ASHA stopped mid-function
+            # ("Trainable runner reuse requires reset_config()"), and the next trial failed with that error
+            reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
