@@ -66,7 +66,8 @@ def selection_note(selection: list[dict[str, Any]], seeds: list[int]) -> list[st
     by_variant: dict[str, list[str]] = {}
     for s in selection:
         value = "" if math.isnan(s["val_loss"]) else f" {s['val_loss']:.4f}"
-        how = " (chosen)" if s["chosen"] else "" if s["status"] == "finished" else f" ({s['status']} at step {s['step']})"
+        when = "before its first evaluation" if s["step"] is None else f"at step {s['step']}"
+        how = " (chosen)" if s["chosen"] else "" if s["status"] == "finished" else f" ({s['status']} {when})"
         by_variant.setdefault(s["variant"], []).append(f"{s['setting']}{value}{how}")
     lines.append(
         f"Selection (seed {first}, {SELECTION_METRIC}): " + "; ".join(f"{v}: {', '.join(t)}" for v, t in by_variant.items()) + "."
