@@ -163,7 +163,9 @@ import gpt2exp.cli, gpt2exp.launch.ray, gpt2exp.launch.runner, gpt2exp.report, g
 from gpt2exp.launch.torch_backend import LateTorchConfig
 config = LateTorchConfig(backend="gloo")  # what the driver's fit and the controller use of it
 config.backend_cls(), config.train_func_context(), config.framework
-print(sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith(("gpt2exp.model", "gpt2exp.training.loop"))))
+light = ("gpt2exp.model", "gpt2exp.model.size")  # the lazy package and the torch-free size arithmetic (plan's FLOP budget)
+heavy = [m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith(("gpt2exp.model", "gpt2exp.training.loop"))]
+print(sorted(m for m in heavy if m not in light))
 """
 
 

@@ -80,7 +80,7 @@ def test_local_run_learns_and_writes_results(reference: tuple[pd.DataFrame, obje
         "val_loss",
         "val_loss_se",
         "val_perplexity",
-        "tokens_per_sec",
+        "tokens_per_sec_during_training",
         "wall_s",
         "status",
     ]

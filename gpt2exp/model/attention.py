@@ -67,7 +67,9 @@ class KVCache:
 
 def narrowest_window(spec: ModelSpec, window: int | None) -> int | None:
     """The window in force: ``window`` (a generation context) or the spec's sliding window, the narrower."""
-    return min((w for w in (window, spec.sliding_window) if w is not None), default=None)
+    if window is None or spec.sliding_window is None:  # no generator under min(): torch.compile traces this
+        return spec.sliding_window if window is None else window
+    return min(window, spec.sliding_window)
 
 
 def attention_mask(spec: ModelSpec, start: int, T: int, keys: Tensor, window: int | None = None) -> Tensor | None:
