@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -131,6 +133,56 @@ def shutdown() -> None:
     for process in tree:  # left by Ray's shutdown: its agents notice the end of their raylet seconds later
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+
+
+class Background:
+    """``work()`` on a daemon thread (one still in a Ray call after Ctrl-C must not hold up the exit), watched through
+    ``ended`` rather than the thread: in Python 3.11 a Ctrl-C inside ``Thread.join`` marks a running thread stopped."""
+
+    def __init__(self, work: Callable[[], object], name: str) -> None:
+        self.ended = threading.Event()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, args=(work,), name=name, daemon=True).start()
+
+    def _run(self, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.ended.set()
+
+
+def shutdown_under(busy: list[Background], stop: threading.Event, grace_s: float = 5.0) -> None:
+    """Shut Ray down after Ctrl-C while ``busy`` work of this driver waits in Ray calls (a trainer's ``fit``).
+    ``ray.shutdown()`` under a thread blocked in ``ray.get`` frees what that wait wakes up to call: the process
+    segfaults. So ``stop`` is set (the work then returns instead of going on), the workers of a private
+    cluster are killed (each waiting call raises), the work is given ``grace_s`` to return, then Ray is
+    shut down."""
+    import psutil
+
+    stop.set()
+    # the raylet's "a worker died unexpectedly" for each, which Ray's driver prints on stdout, is not news here
+    with contextlib.redirect_stdout(io.StringIO()):
+        if own_cluster():
+            for process in _process_trees([p.pid for p in _ray_compat.node_processes()[1]]):
+                with contextlib.suppress(psutil.Error):
+                    if _is_worker(process.cmdline()):
+                        process.kill()
+        deadline = time.monotonic() + grace_s
+        for work in busy:
+            work.ended.wait(max(0.0, deadline - time.monotonic()))
+        shutdown()
+
+
+def _is_worker(cmdline: list[str]) -> bool:
+    """Whether a process of the cluster is a Ray worker (a task's or an actor's: ``ray::...`` once started),
+    not one of the node's own (GCS, raylet, its agents ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``), whose end
+    would take the driver with it."""
+    title = cmdline[0].strip() if cmdline else ""
+    if title.startswith("ray::"):
+        return not title.endswith("Agent")
+    return any(a.endswith("default_worker.py") for a in cmdline)
 
 
 def _process_trees(pids: list[int]) -> list[psutil.Process]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from gpt2exp import _ray_compat
-from gpt2exp.launch.cluster import ensure_ray, own_cluster, shutdown
+from gpt2exp.launch.cluster import Background, ensure_ray, own_cluster, shutdown_under
 from gpt2exp.launch.plan import Plan
 from gpt2exp.launch.progress import Recorder
 from gpt2exp.launch.status import outcome, read_status
@@ -132,6 +133,7 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
     by_key = {j.key: j for j in plan.jobs}
     lane_of = {j.key: name for name, members in all_lanes.items() for j in members}
     failed: set[str] = set()
+    stop = threading.Event()  # Ctrl-C: lanes return without going on
 
     def fit(name: str) -> None:
         while todo := [j for j in all_lanes[name] if j.key not in failed and read_status(j).get("status") != "completed"]:
@@ -139,6 +141,8 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
                 _trainer(name, todo, bus, plan.out_dir / "ray").fit()
                 return
             except Exception as e:  # the lane's current job failed for good; go on without it
+                if stop.is_set():
+                    return
                 drain()
                 job = by_key.get(running.get(name, ""), todo[0])
                 failed.add(job.key)
@@ -163,37 +167,20 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
                 outcome(job, None, 0.0, RuntimeError(problem))
                 recorder.status(job.key, "failed")
             del all_lanes[name]
-    # daemon threads, not an executor's: after Ctrl-C a lane can be left inside a Ray call that never returns
-    # once Ray is shut down, and the interpreter joins an executor's threads at exit
-    errors: list[BaseException] = []
-    threads = [threading.Thread(target=_catching(fit, name, errors), name=f"lane-{name}", daemon=True) for name in all_lanes]
-    for t in threads:
-        t.start()
+    fits = [Background(partial(fit, name), f"lane-{name}") for name in all_lanes]
     try:
-        while alive := [t for t in threads if t.is_alive()]:
-            alive[0].join(timeout=0.25)
+        while busy := [b for b in fits if not b.ended.is_set()]:
+            busy[0].ended.wait(0.25)
             drain()
         drain()
-        if errors:
-            raise errors[0]
     except KeyboardInterrupt:  # stop the workers; registered checkpoints stay for the rerun
         for key in running.values():
             if read_status(by_key[key]).get("status") != "completed":
                 outcome(by_key[key], None, time.perf_counter() - started[key], KeyboardInterrupt())
-        shutdown()
+        shutdown_under(fits, stop)
         raise
-
-
-def _catching(work: Callable[[str], None], name: str, errors: list[BaseException]) -> Callable[[], None]:
-    """``work(name)``, with what it raises appended to ``errors``."""
-
-    def run() -> None:
-        try:
-            work(name)
-        except BaseException as e:
-            errors.append(e)
-
-    return run
+    if errors := [b.error for b in fits if b.error is not None]:
+        raise errors[0]
 
 
 def _does_not_fit(p: ParallelSpec, resources: Mapping[str, float]) -> str | None:

@@ -15,6 +15,7 @@ side; ``tune_worker`` is the trials'."""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -27,10 +28,11 @@ import ray
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.stopper import Stopper
 
 from gpt2exp import env
 from gpt2exp.errors import check_inside
-from gpt2exp.launch.cluster import ensure_ray, shutdown
+from gpt2exp.launch.cluster import Background, ensure_ray, shutdown_under
 from gpt2exp.launch.plan import Plan
 from gpt2exp.launch.progress import Recorder
 from gpt2exp.launch.ray import ProgressBus
@@ -158,6 +160,7 @@ def _fit(plan: Plan, jobs: list[TrainJob], bus: Any, recorder: Recorder, asha: S
     phase = next((j.trial.phase for j in todo.values() if j.trial is not None), "trials")
     p = plan.spec.parallel
     started: dict[str, float] = {}
+    stop = threading.Event()  # Ctrl-C: Tune stops every trial, and records nothing more
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, jobs=todo, bus=bus), _resources(p)),
         param_space={"job": tune.grid_search(list(todo))},
@@ -172,16 +175,10 @@ def _fit(plan: Plan, jobs: list[TrainJob], bus: Any, recorder: Recorder, asha: S
             name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(plan.out_dir / "tune"),
             verbose=0,
-            callbacks=[Outcomes(todo, started, recorder)],
+            stop=StopAll(stop),
+            callbacks=[Outcomes(todo, started, recorder, stop)],
         ),
     )
-    errors: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            tuner.fit()
-        except BaseException as e:
-            errors.append(e)
 
     def drain() -> None:
         for key, record in ray.get(bus.drain.remote()):
@@ -193,30 +190,45 @@ def _fit(plan: Plan, jobs: list[TrainJob], bus: Any, recorder: Recorder, asha: S
             else:
                 recorder.record(key, record)
 
-    # a daemon thread: after Ctrl-C it can be left inside a Ray call that never returns once Ray is shut down
-    thread = threading.Thread(target=fit, name=f"tune-{phase}", daemon=True)
-    thread.start()
+    fit = Background(tuner.fit, f"tune-{phase}")
     try:
-        while thread.is_alive():
-            thread.join(timeout=0.25)
+        while not fit.ended.wait(0.25):
             drain()
         drain()
     except KeyboardInterrupt:  # stop the trials; their checkpoints stay for the rerun
         for key in started:
             if read_status(todo[key]).get("status") not in (*FINAL, "diverged"):
                 outcome(todo[key], None, time.perf_counter() - started[key], KeyboardInterrupt())
-        shutdown()
+        # Tune's end of the stopped experiment warns of each trial that never started: not news after a Ctrl-C
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        shutdown_under([fit], stop)
         raise
-    if errors:
-        raise errors[0]
+    if fit.error is not None:
+        raise fit.error
+
+
+class StopAll(Stopper):
+    """Tune's stop of the whole experiment once ``event`` is set (the driver's Ctrl-C); no trial is stopped alone."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # saved with the Tuner's state, never restored (see Outcomes)
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.event.is_set()
 
 
 class Outcomes(tune.Callback):
     """Each trial's end as it happens (in the driver): what the trial recorded itself, else ``failed`` (it raised) or
     ``stopped`` (by the scheduler, with the step and figures of its last report)."""
 
-    def __init__(self, jobs: dict[str, TrainJob], started: dict[str, float], recorder: Recorder) -> None:
-        self.jobs, self.started, self.recorder = jobs, started, recorder
+    def __init__(self, jobs: dict[str, TrainJob], started: dict[str, float], recorder: Recorder, stop: threading.Event) -> None:
+        self.jobs, self.started, self.recorder, self.stop = jobs, started, recorder, stop
 
     def __getstate__(self) -> dict[str, Any]:
         return {}  # Tune saves its callbacks for a Tuner.restore, which gpt2exp does not use (reruns read status files)
@@ -229,7 +241,7 @@ class Outcomes(tune.Callback):
 
     def _end(self, trial: TuneTrial, error: BaseException | None) -> None:
         job, last = self.jobs[trial.config["job"]], trial.last_result or {}
-        if "outcome" in last:  # the trial ran to its end and recorded it
+        if "outcome" in last or self.stop.is_set():  # the trial ran to its end and recorded it; or Ctrl-C did
             return
         wall = time.perf_counter() - self.started.get(job.key, time.perf_counter())
         if error is not None:
