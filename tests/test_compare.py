@@ -134,15 +134,15 @@ def test_final_and_best_are_the_metric_history_values(experiment: dict, table: p
 
 
 def test_other_metric_and_best_direction(experiment: dict) -> None:
-    """train_loss: lower is better (min); tokens_per_sec: higher is better (max)."""
+    """train_loss: lower is better (min); tokens_per_sec_during_training: higher is better (max)."""
     runs = load_runs(experiment["uri"], "cmp")
     train = comparison_table(runs, "train_loss")
     exp_train = expected_finals(experiment, "train_loss")
     assert train.best_train_loss[0] == pytest.approx(np.mean([exp_train["mha"][s][1] for s in SEEDS]), rel=1e-12)
-    tps = per_run(runs, "tokens_per_sec")
+    tps = per_run(runs, "tokens_per_sec_during_training")
     for r in tps.itertuples():
-        history = experiment["client"].get_metric_history(r.run_id, "tokens_per_sec")
-        assert r.best_tokens_per_sec == max(m.value for m in history)
+        history = experiment["client"].get_metric_history(r.run_id, "tokens_per_sec_during_training")
+        assert r.best_tokens_per_sec_during_training == max(m.value for m in history)
 
 
 def test_mean_ci_and_paired_difference_arithmetic(experiment: dict, table: pd.DataFrame) -> None:
@@ -320,7 +320,7 @@ SYNTHETIC = {  # variant -> final val_loss per seed: clearly better / worse than
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """SYNTHETIC logged straight to MLflow as finished child runs of one parent (no training): val_loss at
-    steps 1 and 2, tokens_seen, train_seconds (not for better/seed 3) and a tokens_per_sec history that
+    steps 1 and 2, tokens_seen, train_seconds (not for better/seed 3) and a tokens_per_sec_during_training history that
     must not be used."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('syn') / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -333,7 +333,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict:
             run_id = client.create_run(exp, start_time=start, tags=tags, run_name=f"{variant}-{seed}").info.run_id
             metrics = [Metric("val_loss", final + 1, start + 10, 1), Metric("val_loss", final, start + 20, 2)]
             metrics += [Metric("tokens_seen", 512.0 * step, start + 10 * step, step) for step in (1, 2)]
-            metrics += [Metric("tokens_per_sec", 999.0, start + 10 * step, step) for step in (1, 2)]
+            metrics += [Metric("tokens_per_sec_during_training", 999.0, start + 10 * step, step) for step in (1, 2)]
             if (variant, seed) != ("better", 3):
                 metrics += [Metric("train_seconds", seed * step / 4, start + 10 * step, step) for step in (1, 2)]
             client.log_batch(run_id, metrics=metrics)

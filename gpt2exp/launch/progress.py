@@ -86,7 +86,7 @@ class ProgressView:
         for name, fmt in (
             ("train_loss", "train loss {:.3f}"),
             ("val_loss", "val loss {:.3f}"),
-            ("tokens_per_sec", "{:,.0f} tokens/s"),
+            ("tokens_per_sec_during_training", "{:,.0f} tokens/s"),
         ):
             if r.get(name) is not None:
                 parts.append(fmt.format(r[name]))
@@ -110,7 +110,7 @@ class ProgressView:
                 step,
                 _fmt(r.get("train_loss"), ".3f"),
                 _fmt(r.get("val_loss"), ".3f"),
-                _fmt(r.get("tokens_per_sec"), ",.0f"),
+                _fmt(r.get("tokens_per_sec_during_training"), ",.0f"),
                 "" if eta is None or r["status"] != "running" else f"{eta:.0f}s",
                 r["status"],
             )

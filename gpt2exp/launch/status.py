@@ -54,7 +54,7 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
     failure's traceback goes to ``<run_dir>/error.log``)."""
     if error is None:
         assert summary is not None
-        keys = ("params", "train_loss", "val_loss", "val_loss_se", "val_perplexity", "tokens_per_sec", "mfu")
+        keys = ("params", "train_loss", "val_loss", "val_loss_se", "val_perplexity", "tokens_per_sec_during_training", "mfu")
         fields = {k: summary.get(k) for k in keys}
         return write_status(job, "completed", tokens=summary.get("tokens_seen"), wall_s=wall_s, **fields)
     status = "diverged" if isinstance(error, Diverged) else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
@@ -68,4 +68,4 @@ def outcome(job: TrainJob, summary: dict[str, Any] | None, wall_s: float, error:
 def results_table(jobs: list[TrainJob]) -> pd.DataFrame:
     """One row per job (``RESULT_COLUMNS``), from the outcomes recorded; a job without one is ``not run``."""
     rows = [read_status(j) or {"variant": j.variant, "seed": j.seed, "status": "not run"} for j in jobs]
-    return pd.DataFrame(rows).rename(columns={"tokens_per_sec": "tokens_per_sec_during_training"}).reindex(columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)

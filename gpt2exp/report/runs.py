@@ -68,7 +68,7 @@ class Runs:
         its tokens took at the throughput it logged (the runs' own start times are when the driver
         created them, all before the first job trains). Falls back to the run's start/end time."""
         row = self.frame.loc[self.frame.run_id == run_id].iloc[0]
-        tokens, tps = self.history(run_id, "tokens_seen"), self.history(run_id, "tokens_per_sec")
+        tokens, tps = self.history(run_id, "tokens_seen"), self.history(run_id, "tokens_per_sec_during_training")
         if tokens.empty:
             return float(row.start_time), float(row.end_time if pd.notna(row.end_time) else row.start_time)
         first, end = tokens.iloc[0], float(tokens.timestamp.max())

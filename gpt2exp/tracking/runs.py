@@ -39,7 +39,7 @@ METRICS = (
     "val_perplexity",
     "lr",
     "grad_norm",
-    "tokens_per_sec",
+    "tokens_per_sec_during_training",  # the loop's own: slowed by evaluation threads, other runs (see launch.bench)
     "mfu",
     "tokens_seen",
     "train_seconds",

@@ -150,7 +150,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
                 train_loss=train_loss,
                 lr=lr,
                 grad_norm=grad_norm,
-                tokens_per_sec=tps,
+                tokens_per_sec_during_training=tps,
                 tokens_seen=done * tokens_per_step,
                 train_seconds=train_s,
                 mfu=mfu(flops_per_token, tps, peak, session.world_size),
@@ -194,7 +194,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
         logger.final_model(Path(job.run_dir) / "final", job.total_steps)
     summary = {
         **last,
-        "tokens_per_sec": last["tokens_seen"] / train_s,  # the run's throughput: tokens per second of training
+        "tokens_per_sec_during_training": last["tokens_seen"] / train_s,  # the run's throughput: tokens per second of training
         "params": n_params,
         "flops_per_token": flops_per_token,
         "world_size": session.world_size,
