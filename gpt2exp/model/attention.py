@@ -95,8 +95,9 @@ def attention_mask(spec: ModelSpec, start: int, T: int, keys: Tensor, window: in
 
 
 class Span(NamedTuple):
-    """Where a forward pass attends: query positions, key positions (a range when contiguous, else the
-    cache's (S,) tensor) and the narrowest window in force (the generation context or the spec's)."""
+    """Where a forward pass through flex attends: query positions, key positions (a range when contiguous, else
+    the cache's (S,) tensor) and the narrowest window in force (the generation context or the spec's), None
+    when it cuts off no key."""
 
     queries: range
     keys: flex.Positions
@@ -133,7 +134,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hs)
         dropout = self.dropout if self.training else 0.0
-        if span is not None and (span.window is not None or self.alibi) and flex.use_flex(q, dropout):
+        if span is not None:  # GPT.hidden_states chose flex (a window or ALiBi, where flex runs)
             y = flex.flex_attention(q, k, v, span.queries, span.keys, window=span.window, alibi=self.alibi)
         else:
             y = F.scaled_dot_product_attention(

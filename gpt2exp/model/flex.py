@@ -56,8 +56,8 @@ def set_attention_backend(backend: Backend) -> Backend:
 
 
 def use_flex(q: Tensor, dropout: float) -> bool:
-    """Whether windowed/ALiBi attention of queries q (B, H, T, hs) goes through flex: ``auto`` = on CUDA
-    for T > 1 (flex has no attention dropout, and no backward pass off CUDA)."""
+    """Whether windowed/ALiBi attention of queries q (B, H, T, hs), or of a block's input (B, T, C), goes through
+    flex: ``auto`` = on CUDA for T > 1 (flex has no attention dropout, and no backward pass off CUDA)."""
     if _backend == "sdpa":
         return False
     missing = "attention dropout" if dropout > 0 else "backward pass off CUDA" if q.requires_grad and not q.is_cuda else None
@@ -69,7 +69,7 @@ def use_flex(q: Tensor, dropout: float) -> bool:
             )
         return False
     # a single decoding query gains nothing from block sparsity, and each step's new length would recompile flex
-    return _backend == "flex" or (q.is_cuda and q.size(2) > 1)
+    return _backend == "flex" or (q.is_cuda and q.size(-2) > 1)
 
 
 def _position(pos: Positions) -> Callable[[Tensor], Tensor]:

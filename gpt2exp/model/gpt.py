@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2exp.errors import INPUT, Gpt2expError
+from gpt2exp.model import flex
 from gpt2exp.model.attention import CausalSelfAttention, KVCache, Span, attention_mask, narrowest_window
 from gpt2exp.model.decode import Decoder
 from gpt2exp.model.loss import IGNORE, linear_cross_entropy
@@ -155,13 +156,16 @@ class GPT(nn.Module):
                 cos, sin = rope_cache(T, self.spec.head_size, self.spec.rope_theta, start)
                 rope = cos.to(idx.device), sin.to(idx.device)
         keys = cache.key_positions(T, idx.device) if cache is not None else torch.arange(start, start + T, device=idx.device)
-        mask = attention_mask(self.spec, start, T, keys, window)
-        if mask is not None and mask.is_floating_point():
-            mask = mask.to(x.dtype)
-        queries = range(start, start + T)
-        flex_keys = queries if cache is None else cache.key_range(T) or keys  # a range keeps flex's block mask cached
-        window = narrowest_window(self.spec, window)
-        span = Span(queries, flex_keys, window if window is not None and window < keys.size(0) else None)  # None: no cut
+        narrowest = narrowest_window(self.spec, window)
+        cut = narrowest if narrowest is not None and narrowest < keys.size(0) else None  # None: no key is cut off
+        span, mask = None, None  # flex's span (model/flex.py), else SDPA's mask or bias (None: causal)
+        if (cut is not None or self.spec.positional == "alibi") and flex.use_flex(x, self.spec.dropout if self.training else 0.0):
+            queries = range(start, start + T)
+            span = Span(queries, queries if cache is None else cache.key_range(T) or keys, cut)  # a range: mask cached
+        else:
+            mask = attention_mask(self.spec, start, T, keys, window)
+            if mask is not None and mask.is_floating_point():
+                mask = mask.to(x.dtype)
         for block in self.transformer.h:
             x = block(x, mask, rope, cache, span)
         if cache is not None:
