@@ -6,53 +6,34 @@ saw is then in the run). The last one is reported once the job is done and its o
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from ray import tune
 
-from gpt2exp.launch.local import LocalSession, run_logger
+from gpt2exp.launch.local import LocalSession
 from gpt2exp.launch.status import outcome
-from gpt2exp.training.job import Diverged, TrainJob
-from gpt2exp.training.loop import RunLog, train
+from gpt2exp.tracking.runs import RunLogger
+from gpt2exp.training.job import Diverged, RunRef, TrainJob
+from gpt2exp.training.loop import train
 
 REPORTED = ("step", "val_loss", "train_loss", "tokens_seen")
 
 
-class Reporting:
-    """The trial's run log (``RunLogger``, or none) that reports each evaluation before the last to Tune."""
+class Reporting(RunLogger):
+    """The trial's MLflow run log (a sweep's trials always have one) that also reports each evaluation before the last
+    to Tune, once it is stored."""
 
-    def __init__(self, log: RunLog | None, total_steps: int) -> None:
-        self.inner, self.total_steps = log, total_steps
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        if self.inner is not None:
-            self.inner.log_params(params)
+    def __init__(self, ref: RunRef, system_metrics: bool, total_steps: int) -> None:
+        super().__init__(ref, system_metrics)
+        self.total_steps = total_steps
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.inner is not None:
-            self.inner.log(record)
+        super().log(record)
         if "val_loss" in record and record["step"] < self.total_steps:
             self.flush()  # stored before Tune may stop the trial
             tune.report({k: record[k] for k in REPORTED})
-
-    def log_series(self, key: str, values: dict[int, float]) -> None:
-        if self.inner is not None:
-            self.inner.log_series(key, values)
-
-    def flush(self) -> None:
-        if self.inner is not None:
-            self.inner.flush()
-
-    def checkpoint(self, step: int, location: str) -> None:
-        if self.inner is not None:
-            self.inner.checkpoint(step, location)
-
-    def final_model(self, final_dir: Path, step: int) -> None:
-        if self.inner is not None:
-            self.inner.final_model(final_dir, step)
 
 
 def run_trial(job: TrainJob, bus: Any) -> None:
@@ -61,11 +42,14 @@ def run_trial(job: TrainJob, bus: Any) -> None:
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     session.emit({"event": "start"})
     t0, summary, error = time.perf_counter(), None, None
+    assert job.tracking is not None  # a sweep needs tracking (a spec rule)
+    logger = Reporting(job.tracking, job.spec.tracking.system_metrics, job.total_steps)
     try:
-        with run_logger(job, session.rank) as logger:
-            summary = train(job, session, Reporting(logger, job.total_steps))
+        summary = train(job, session, logger)
     except Diverged as e:  # an outcome: recorded, and the sweep goes on
         error = e
+    finally:
+        logger.close()
     record = outcome(job, summary, time.perf_counter() - t0, error)
     session.emit({"event": "status", "status": "done" if error is None else "diverged"})
     final = {k: summary[k] for k in REPORTED if k in summary} if summary else {}
