@@ -78,11 +78,9 @@ def build_local(
 ) -> dict[str, Any]:
     """Stream, encode on every core and split ``source`` into ``folder/{train,val}.bin``; returns the meta fields.
 
-    Pieces (grouped up to ``GROUP_CHARS`` so that small documents share a task) are encoded by
-    ``num_threads`` threads (tiktoken releases the GIL): ``num_threads - 1`` pool threads plus this
-    one, which takes every ``num_threads``-th task instead of waiting (so one thread uses no pool; see
-    benchmarks/README.md for why the calling thread matters); at most ``IN_FLIGHT_PER_THREAD`` tasks per
-    thread in flight, written in input order.
+    Pieces (grouped up to ``GROUP_CHARS`` so that small documents share a task) are encoded by a pool of
+    ``num_threads`` threads (tiktoken releases the GIL) while this one reads, splits and writes (one thread:
+    this one alone); at most ``IN_FLIGHT_PER_THREAD`` tasks per thread in flight, written in input order.
     """
     threads = num_threads or _cpu_count()
     writer = _SplitWriter(folder, val_fraction)
@@ -92,13 +90,13 @@ def build_local(
     in_flight: deque[tuple[Future[np.ndarray], int]] = deque()  # (tokens, input bytes), oldest first
     n_tasks = 0
 
-    with _progress(source, show_progress) as advance, ThreadPoolExecutor(max(threads - 1, 1)) as pool:
+    with _progress(source, show_progress) as advance, ThreadPoolExecutor(threads) as pool:
 
         def submit() -> None:
             nonlocal group, group_chars, group_bytes, n_tasks
-            if n_tasks % threads:
+            if threads > 1:
                 future = pool.submit(encode_pieces, enc, group)
-            else:  # every threads-th task is encoded by this thread, which would otherwise wait
+            else:  # one thread: this one (a pool thread would only add handing over)
                 future = Future()
                 future.set_result(encode_pieces(enc, group))
             in_flight.append((future, group_bytes))
