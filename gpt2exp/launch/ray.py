@@ -136,7 +136,9 @@ def run_jobs_on_ray(plan: Plan, recorder: Recorder) -> None:
     stop = threading.Event()  # Ctrl-C: lanes return without going on
 
     def fit(name: str) -> None:
-        while todo := [j for j in all_lanes[name] if j.key not in failed and read_status(j).get("status") != "completed"]:
+        while not stop.is_set() and (
+            todo := [j for j in all_lanes[name] if j.key not in failed and read_status(j).get("status") != "completed"]
+        ):
             try:
                 _trainer(name, todo, bus, plan.out_dir / "ray").fit()
                 return
