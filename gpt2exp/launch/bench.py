@@ -34,6 +34,7 @@ from gpt2exp.model import GPT, KVCache
 from gpt2exp.spec import ExperimentSpec
 from gpt2exp.training.checkpoint import load_final
 from gpt2exp.training.job import BENCH_METRICS
+from gpt2exp.training.loop import autocast_for
 from gpt2exp.training.optim import build_optimizer
 
 if TYPE_CHECKING:
@@ -59,12 +60,6 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return self.clock() - t0
-
-
-def _autocast(spec: ExperimentSpec, device: torch.device) -> torch.autocast:
-    precision = spec.train.precision
-    low = precision in ("bf16", "fp16") or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16, enabled=low)
 
 
 @torch.no_grad()
@@ -101,7 +96,7 @@ class Trainer:
         """Tokens/s of one forward + backward + AdamW step on batch (B, T + 1)."""
 
         def step() -> None:
-            with _autocast(self.spec, self.timed.device):
+            with autocast_for(self.spec, self.timed.device):
                 _, loss = self.model(batch[:, :-1], batch[:, 1:])
             assert loss is not None
             loss.backward()
@@ -117,7 +112,7 @@ def measure(model: GPT, trainer: Trainer, gen: torch.Generator) -> dict[str, flo
     s, spec, timed = model.spec, trainer.spec, trainer.timed
     prompt_len = max(1, s.block_size - DECODE_STEPS)
     draw = lambda *shape: torch.randint(s.vocab_size, shape, generator=gen).to(timed.device)
-    with _autocast(spec, timed.device):
+    with autocast_for(spec, timed.device):
         figures = {
             "prefill_tokens_per_sec": _prefill(model, draw(1, s.block_size), timed),
             "decode_tokens_per_sec": _decode(model, draw(1, prompt_len), timed),

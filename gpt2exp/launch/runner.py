@@ -232,7 +232,7 @@ def add_cost_columns(runs: pd.DataFrame, plan: Plan, costs: dict[str, tuple[str,
     from gpt2exp.model.size import run_kv_bytes_per_token
 
     runs["kv_bytes_per_token"] = [run_kv_bytes_per_token(j.spec) for j in plan.jobs]
-    measured = {key: figures for key, figures in costs.values()}
+    measured = dict(costs.values())  # job key -> figures
     for name in BENCH_METRICS:
         runs[name] = [measured[j.key][name] if j.key in measured else float("nan") for j in plan.jobs]
 

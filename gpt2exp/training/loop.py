@@ -66,7 +66,8 @@ class RunLog(Protocol):
         """A curve whose steps are not training steps (``val_loss_by_position``: step = position)."""
 
 
-def _autocast(spec: ExperimentSpec, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_for(spec: ExperimentSpec, device: torch.device) -> contextlib.AbstractContextManager:
+    """The run's precision on ``device``: bf16/fp16 autocast, or none for fp32 (``auto``: bf16 on CUDA, fp32 elsewhere)."""
     precision = spec.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -106,7 +107,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
     train_s = float(meta.get("train_seconds", 0.0))  # time in training steps: evaluation and checkpoints excluded
 
     def evaluate(n_tokens: int) -> tuple[float, float]:
-        with _autocast(spec, device):
+        with autocast_for(spec, device):
             return score_windows(model, eval_set, n_tokens, micro, device, session.rank, session.world_size)
 
     model.train()
@@ -118,7 +119,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
         loss_sum = torch.zeros((), device=device)
         for m, batch in enumerate(sampler.micro_batches(step, micro)):  # this rank's share of the global batch
             xb, yb = to_device(*batch, device)  # (micro, T)
-            with grad_sync(model, m == accum - 1), _autocast(spec, device):
+            with grad_sync(model, m == accum - 1), autocast_for(spec, device):
                 _, loss = model(xb, yb)
                 (loss / accum).backward()
             loss_sum += loss.detach()
@@ -159,7 +160,7 @@ def train(job: TrainJob, session: Session, logger: RunLog | None = None) -> dict
                 record["val_loss"], record["val_loss_se"] = evaluate(final_eval_tokens if is_last else t.eval_tokens)
                 record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
             if is_last and contexts is not None:  # the final model at other context lengths, all ranks taking part
-                with _autocast(spec, device):
+                with autocast_for(spec, device):
                     scores, by_position = contexts.run(
                         model, micro * spec.model.block_size, device, session.rank, session.world_size
                     )
