@@ -27,6 +27,7 @@ from gpt2exp.spec.sections import (
     TrackingSpec,
     TrainSpec,
     name_problem,
+    point_name,
 )
 from gpt2exp.spec.sweep import SweepSpec
 
@@ -144,7 +145,7 @@ class ExperimentSpec(Strict):
         out = []
         for (vname, vset), combo in itertools.product(listed, combos):
             grid_set = dict(zip(keys, combo, strict=True))
-            grid_name = ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in grid_set.items())
+            grid_name = point_name(grid_set)
             name = "+".join(p for p in (vname, grid_name) if p) or "base"
             out.append((name, {**vset, **grid_set}))
         return out
@@ -186,10 +187,6 @@ def _path_problem(key: str) -> str | None:
         known = ", ".join(f"{s}.<field>" for s in _SECTIONS)
         return f"{key!r} is not a spec field (expected {known})"
     return None
-
-
-def _fmt(v: Any) -> str:
-    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

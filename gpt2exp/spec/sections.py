@@ -7,6 +7,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -31,6 +32,12 @@ def name_problem(name: str) -> str | None:
     if len(name) > 100:
         return f"a name is at most 100 characters, this one has {len(name):,} ({name[:40]!r}...)"
     return f"{name!r} is not a name: a letter or digit, then letters, digits and _ . , = + - (at most 100 characters)"
+
+
+def point_name(values: Mapping[str, object]) -> str:
+    """The name of a grid point or a sweep setting: ``{"train.lr": 0.002, "model.bias": True}`` -> ``lr=0.002,bias=true``."""
+    fmt = lambda v: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in values.items())
 
 
 def _check_name(name: str) -> str:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from gpt2exp.spec.sections import Strict
+from gpt2exp.spec.sections import Strict, point_name
 
 Value = str | int | float | bool | None
 
@@ -34,7 +34,7 @@ class SweepSpec(Strict):
         out = []
         for combo in itertools.product(*(self.params[k] for k in keys)):
             values = dict(zip(keys, combo, strict=True))
-            out.append((",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in values.items()), values))
+            out.append((point_name(values), values))
         return out
 
     def problems(self, n_seeds: int, num_workers: int, tracking: bool, fixed: dict[str, str]) -> list[str]:
@@ -61,7 +61,3 @@ class SweepSpec(Strict):
     def n_runs(self, n_variants: int, n_seeds: int) -> int:
         """Trials: every variant x setting on the first seed, then every variant on the other seeds."""
         return n_variants * (len(self.settings()) + n_seeds - 1)
-
-
-def _fmt(v: Any) -> str:
-    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
