@@ -132,6 +132,7 @@ def run(
     """Train every variant of a spec and print the results table, the verdicts and where to look next."""
     from gpt2exp.launch.plan import experiment_dir
     from gpt2exp.launch.runner import run_experiment
+    from gpt2exp.launch.status import FINAL
 
     overrides = list(set_ or []) + ([f"parallel.launcher={launcher.value}"] if launcher else [])
     spec = load_spec(spec_file, overrides)
@@ -153,7 +154,7 @@ def run(
     failed = [
         f"{r['variant']} (seed {r['seed']}): {r['status']}" + (f" ({r['error']})" if isinstance(r["error"], str) else "")
         for r in result.runs.to_dict("records")
-        if r["status"] not in ("completed", "stopped")  # stopped: early, by a sweep's scheduler
+        if r["status"] not in FINAL  # stopped: early, by a sweep's scheduler, is an outcome
     ]
     if failed:
         raise fail(f"{len(failed)} run(s) did not complete: {'; '.join(failed)}")
